@@ -1,0 +1,3 @@
+from bronze_assets.cli import main
+
+raise SystemExit(main())

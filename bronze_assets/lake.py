@@ -1,0 +1,474 @@
+"""The lake: both bronze outputs, written once and shared, and the rejects.
+
+Each source's valid rows are written once, as Parquet files in hive partition folders under a
+staging area. The same files are then hard-linked into the Delta table and committed there in
+one transaction that also removes the files of that source's previous ingestion, and finally
+linked into the Parquet dataset, whose file set always mirrors the Delta table's active files.
+Both outputs therefore hold exactly the same rows, the data is written once, and a source is
+replaced atomically in Delta. The Delta log is the record of truth: at the start of every run
+``reconcile`` repairs the Parquet mirror after a crash.
+
+Every data file name starts with the source's id (``<src_id>-<token>-<n>.parquet``), which is how
+a source's files are found again in the Delta log when it is replaced.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import urllib.parse
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from deltalake import DeltaTable
+from deltalake.transaction import AddAction, RemoveAction
+
+from bronze_assets.validation import REJECT_SCHEMA
+
+TARGET_FILE_BYTES = 128 << 20
+ROW_GROUP_ROWS = 262_144
+BUFFER_BYTES = 256 << 20
+MAX_OPEN_FILES = 512
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+
+
+def source_id(src_path: str) -> str:
+    return hashlib.sha256(src_path.encode()).hexdigest()[:16]
+
+
+def hive_value(value: object) -> str:
+    if value is None:
+        return HIVE_NULL
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return urllib.parse.quote(str(value), safe="")
+
+
+def delta_value(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return str(value)
+
+
+@dataclass
+class WrittenFile:
+    relpath: str  # '/'-separated, relative to the table folder
+    partition_values: dict[str, str | None]
+    rows: int
+    size: int
+    stats: str
+
+
+@dataclass
+class _Open:
+    writer: pq.ParquetWriter | None
+    sink: pa.NativeFile | None
+    relpath: str
+    values: dict[str, object]
+    pending: list[pa.Table] = field(default_factory=list)
+    pending_rows: int = 0
+    pending_bytes: int = 0
+    rows: int = 0
+
+
+class PartitionedWriter:
+    """Write a stream of tables as hive-partitioned Parquet files under ``directory``.
+
+    Memory is bounded: rows wait per partition only until a row group is full or the buffers of
+    all partitions together pass ``buffer_bytes``; files roll over at ``target_file_bytes``.
+    Partition columns are not stored in the files (only in the folder names).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        schema: pa.Schema,
+        *,
+        partition_by: tuple[str, ...],
+        prefix: str,
+        target_file_bytes: int = TARGET_FILE_BYTES,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        buffer_bytes: int = BUFFER_BYTES,
+    ) -> None:
+        self.directory = directory
+        self.partition_by = partition_by
+        self.file_schema = pa.schema([f for f in schema if f.name not in partition_by])
+        self.prefix = prefix
+        self.target_file_bytes = target_file_bytes
+        self.row_group_rows = row_group_rows
+        self.buffer_bytes = buffer_bytes
+        self._open: dict[tuple[object, ...], _Open] = {}
+        self._buffered = 0
+        self._seq = 0
+        self.files: list[WrittenFile] = []
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self.rows += table.num_rows
+        if not self.partition_by:
+            self._append((), {}, table.select(self.file_schema.names))
+        else:
+            for values, part in self._split(table):
+                self._append(tuple(values.values()), values, part.select(self.file_schema.names))
+        if self._buffered > self.buffer_bytes:
+            for key in sorted(self._open, key=lambda k: -self._open[k].pending_bytes):
+                self._flush(key)
+                if self._buffered <= self.buffer_bytes // 2:
+                    break
+
+    def _split(self, table: pa.Table) -> Iterable[tuple[dict[str, object], pa.Table]]:
+        keys = [(c, "ascending") for c in self.partition_by]
+        if table.num_rows > 1:
+            table = table.take(pc.sort_indices(table, sort_keys=keys))
+        n = table.num_rows
+        change = np.zeros(n, dtype=bool)
+        change[0] = True
+        for c in self.partition_by:
+            col = table.column(c).combine_chunks()
+            if n > 1:
+                differs = pc.not_equal(col.slice(1), col.slice(0, n - 1))
+                differs = pc.fill_null(differs, True)
+                change[1:] |= differs.to_numpy(zero_copy_only=False)
+        bounds = np.append(np.flatnonzero(change), n)
+        for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            part = table.slice(start, stop - start)
+            values = {c: part.column(c)[0].as_py() for c in self.partition_by}
+            yield values, part
+
+    def _append(self, key: tuple[object, ...], values: dict[str, object], part: pa.Table) -> None:
+        state = self._open.get(key)
+        if state is None:
+            if len(self._open) >= MAX_OPEN_FILES:
+                self._close(next(iter(self._open)))
+            state = self._open[key] = _Open(None, None, "", values)
+        state.pending.append(part)
+        state.pending_rows += part.num_rows
+        state.pending_bytes += part.nbytes
+        self._buffered += part.nbytes
+        if state.pending_rows >= self.row_group_rows:
+            self._flush(key)
+
+    def _flush(self, key: tuple[object, ...]) -> None:
+        state = self._open[key]
+        if not state.pending:
+            return
+        data = pa.concat_tables(state.pending)
+        self._buffered -= state.pending_bytes
+        state.pending, state.pending_rows, state.pending_bytes = [], 0, 0
+        if state.writer is None:
+            self._seq += 1
+            dirs = "/".join(f"{c}={hive_value(state.values[c])}" for c in self.partition_by)
+            name = f"{self.prefix}-{self._seq:05d}.parquet"
+            state.relpath = f"{dirs}/{name}" if dirs else name
+            path = self.directory / state.relpath
+            path.parent.mkdir(parents=True, exist_ok=True)
+            state.sink = pa.OSFile(str(path), "wb")
+            state.writer = pq.ParquetWriter(state.sink, self.file_schema, compression="snappy")
+            state.rows = 0
+        assert state.writer is not None and state.sink is not None
+        state.writer.write_table(data, row_group_size=max(self.row_group_rows, data.num_rows))
+        state.rows += data.num_rows
+        if state.sink.tell() >= self.target_file_bytes:
+            self._finish(state)
+
+    def _finish(self, state: _Open) -> None:
+        if state.writer is None:
+            return
+        state.writer.close()
+        assert state.sink is not None
+        state.sink.close()
+        path = self.directory / state.relpath
+        self.files.append(
+            WrittenFile(
+                relpath=state.relpath,
+                partition_values={c: delta_value(state.values[c]) for c in self.partition_by},
+                rows=state.rows,
+                size=path.stat().st_size,
+                stats=file_stats(pq.read_metadata(path), state.rows),
+            )
+        )
+        state.writer, state.sink = None, None
+
+    def _close(self, key: tuple[object, ...]) -> None:
+        self._flush(key)
+        self._finish(self._open.pop(key))
+
+    def close(self) -> list[WrittenFile]:
+        for key in list(self._open):
+            self._close(key)
+        return self.files
+
+    def abort(self) -> None:
+        for state in self._open.values():
+            if state.writer is not None:
+                state.writer.close()
+            if state.sink is not None:
+                state.sink.close()
+        self._open.clear()
+
+
+def _stat_value(value: object) -> object | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return value.isoformat(timespec="microseconds") + "Z"
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return None
+
+
+def file_stats(meta: pq.FileMetaData, rows: int) -> str:
+    """Delta ``stats`` of a file from its Parquet footer: row count, null counts, and min/max for
+    numbers, dates and timestamps (strings and decimals are left out rather than approximated)."""
+    nulls: dict[str, int] = {}
+    mins: dict[str, object] = {}
+    maxs: dict[str, object] = {}
+    schema = meta.schema.to_arrow_schema()
+    for i, f in enumerate(schema):
+        total_nulls = 0
+        lo: object | None = None
+        hi: object | None = None
+        usable = True
+        for g in range(meta.num_row_groups):
+            st = meta.row_group(g).column(i).statistics
+            if st is None:
+                usable = False
+                break
+            total_nulls += st.null_count or 0
+            if st.has_min_max:
+                a, b = _stat_value(st.min), _stat_value(st.max)
+                if a is None or b is None:
+                    usable = False
+                    continue
+                lo = a if lo is None or a < lo else lo  # type: ignore[operator]
+                hi = b if hi is None or b > hi else hi  # type: ignore[operator]
+        if not usable:
+            continue
+        nulls[f.name] = total_nulls
+        if lo is not None and not pa.types.is_decimal(f.type):
+            mins[f.name], maxs[f.name] = lo, hi
+    return json.dumps({"numRecords": rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        dst.unlink()
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+class Lake:
+    """Paths and publishing for one lake root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def parquet_dir(self, table: str) -> Path:
+        return self.root / "bronze" / "parquet" / table
+
+    def delta_dir(self, table: str) -> Path:
+        return self.root / "bronze" / "delta" / table
+
+    def rejects_dir(self, table: str) -> Path:
+        return self.root / "_rejects" / table
+
+    @property
+    def staging_root(self) -> Path:
+        return self.root / "_staging"
+
+    def rejects_file(self, table: str, src_path: str) -> Path:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in src_path.replace("/", "__"))
+        return self.rejects_dir(table) / f"{safe[:150]}.{source_id(src_path)[:8]}.csv"
+
+    def clear_staging(self) -> None:
+        shutil.rmtree(self.staging_root, ignore_errors=True)
+
+    def delta_table(self, table: str) -> DeltaTable | None:
+        path = self.delta_dir(table)
+        if not (path / "_delta_log").is_dir():
+            return None
+        return DeltaTable(str(path))
+
+    def ensure_delta(self, table: str, schema: pa.Schema, partition_by: tuple[str, ...]) -> DeltaTable:
+        existing = self.delta_table(table)
+        if existing is not None:
+            return existing
+        path = self.delta_dir(table)
+        path.mkdir(parents=True, exist_ok=True)
+        return DeltaTable.create(str(path), schema, mode="ignore", partition_by=list(partition_by) or None)
+
+    def source_files(self, dt_: DeltaTable, src_path: str) -> list[tuple[str, int, dict[str, str | None]]]:
+        """The active files of ``src_path`` in the Delta table: (path, size, partition values)."""
+        sid = source_id(src_path) + "-"
+        actions = pa.table(dt_.get_add_actions(flatten=False))
+        out = []
+        if actions.num_rows == 0:
+            return out
+        paths = actions.column("path").cast(pa.string()).to_pylist()
+        sizes = actions.column("size_bytes").to_pylist()
+        parts = (
+            actions.column("partition_values").to_pylist()
+            if "partition_values" in actions.column_names
+            else [None] * len(paths)
+        )
+        for p, s, pv in zip(paths, sizes, parts, strict=True):
+            if urllib.parse.unquote(p).rsplit("/", 1)[-1].startswith(sid):
+                values = {k: (None if v is None else str(v)) for k, v in (pv or {}).items()}
+                out.append((urllib.parse.unquote(p), int(s), values))
+        return out
+
+    def publish(
+        self,
+        *,
+        table: str,
+        src_path: str,
+        schema: pa.Schema,
+        partition_by: tuple[str, ...],
+        staged_dir: Path,
+        files: list[WrittenFile],
+        run_id: str,
+    ) -> int | None:
+        """Replace ``src_path``'s rows in both outputs with ``files``; return the new Delta version
+        (None when nothing changed)."""
+        dt_ = self.ensure_delta(table, schema, partition_by)
+        old = self.source_files(dt_, src_path)
+        if not old and not files:
+            return None
+        delta_dir = self.delta_dir(table)
+        now_ms = int(time.time() * 1000)
+        actions: list[AddAction | RemoveAction] = []
+        for f in files:
+            _link(staged_dir / f.relpath, delta_dir / f.relpath)
+            actions.append(
+                AddAction(
+                    path=_uri_path(f.relpath),
+                    size=f.size,
+                    partition_values=f.partition_values,
+                    modification_time=now_ms,
+                    data_change=True,
+                    stats=f.stats,
+                )
+            )
+        for path, size, values in old:
+            actions.append(RemoveAction(_uri_path(path), True, now_ms, size, values))
+        from deltalake import CommitProperties
+
+        dt_.create_write_transaction(
+            actions,
+            mode="append",
+            schema=schema,
+            partition_by=list(partition_by) or None,
+            commit_properties=CommitProperties(
+                custom_metadata={"bronze.src_path": src_path, "bronze.run_id": run_id}
+            ),
+        )
+        parquet_dir = self.parquet_dir(table)
+        for f in files:
+            _link(staged_dir / f.relpath, parquet_dir / f.relpath)
+        for path, _, _ in old:
+            _remove(parquet_dir / path)
+        dt_.update_incremental()
+        return dt_.version()
+
+    def write_rejects(self, table: str, src_path: str, staged: Path) -> None:
+        final = self.rejects_file(table, src_path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, final)
+
+    def reconcile(self, table: str) -> int:
+        """Make the Parquet dataset's file set equal the Delta table's active files; return the
+        number of files fixed. Needed only after a run died between the two."""
+        dt_ = self.delta_table(table)
+        if dt_ is None:
+            return 0
+        actions = pa.table(dt_.get_add_actions(flatten=False))
+        active = {urllib.parse.unquote(p) for p in actions.column("path").cast(pa.string()).to_pylist()}
+        pdir = self.parquet_dir(table)
+        present: set[str] = set()
+        fixed = 0
+        if pdir.is_dir():
+            for dirpath, _, filenames in os.walk(pdir):
+                for name in filenames:
+                    rel = (Path(dirpath) / name).relative_to(pdir).as_posix()
+                    if rel in active:
+                        present.add(rel)
+                    else:
+                        _remove(pdir / rel)
+                        fixed += 1
+        for rel in active - present:
+            _link(self.delta_dir(table) / rel, pdir / rel)
+            fixed += 1
+        return fixed
+
+
+def _uri_path(relpath: str) -> str:
+    return "/".join(urllib.parse.quote(part, safe="=-_.") for part in relpath.split("/"))
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    parent = path.parent
+    try:
+        while parent.name and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    except OSError:
+        pass
+
+
+class RejectsWriter:
+    """Streams one source's rejects to a CSV file (created on first write, or empty on close)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: pacsv.CSVWriter | None = None
+        self.rows = 0
+
+    def write(self, rejects: pa.Table) -> None:
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pacsv.CSVWriter(str(self.path), REJECT_SCHEMA)
+        if rejects.num_rows:
+            self._writer.write_table(rejects)
+            self.rows += rejects.num_rows
+
+    def close(self) -> None:
+        if self._writer is None:
+            self.write(REJECT_SCHEMA.empty_table())
+        assert self._writer is not None
+        self._writer.close()
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.path.unlink(missing_ok=True)
+        self.rows = 0

@@ -1,0 +1,457 @@
+"""Validation: convert a source's batches to the declared types and split valid rows from rejects.
+
+The work is one SQL statement per source, generated from the table declaration and run by DuckDB
+over each Arrow batch (vectorised and multi-threaded; no per-row Python). It yields, per record,
+the typed columns, the derived and audit columns, and the first reason (section 5 order) that
+rejects it. DuckDB's TRY_CAST rounds where the contract wants a reject (``3.5`` to an integer,
+``12.345`` to decimal(10,2)), so every conversion here is checked to be lossless.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bronze_assets.readers import RawKind
+from schemas.schemas import Column, OneOf, Range, Table
+
+REASONS = (
+    "UNREADABLE_FILE",
+    "SCHEMA_MISMATCH",
+    "MALFORMED_RECORD",
+    "MISSING_REQUIRED",
+    "TYPE_MISMATCH",
+    "CONSTRAINT_VIOLATION",
+)
+BOOKKEEPING = ("_row", "_raw", "_bad")
+REJECT_SCHEMA = pa.schema(
+    [
+        ("src_filename", pa.string()),
+        ("src_row_number", pa.int64()),
+        ("reason_code", pa.string()),
+        ("reason_detail", pa.string()),
+        ("raw_record", pa.string()),
+        ("ingestion_ts", pa.timestamp("us", tz="UTC")),
+    ]
+)
+WS = "' \t\r\n'"
+TRUE_WORDS = ("true", "t", "yes", "y", "1")
+FALSE_WORDS = ("false", "f", "no", "n", "0")
+DETAIL_VALUE_CHARS = 200
+
+
+def ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def type_name(t: pa.DataType) -> str:
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_date32(t):
+        return "date"
+    return str(t)
+
+
+def sql_type(t: pa.DataType) -> str:
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_date32(t):
+        return "DATE"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ"
+    if pa.types.is_decimal(t):
+        return f"DECIMAL({t.precision},{t.scale})"
+    if pa.types.is_string(t):
+        return "VARCHAR"
+    raise ValueError(f"unsupported declared type {t}")
+
+
+def _from_text(s: str, t: pa.DataType) -> str:
+    """SQL converting trimmed text ``s`` to ``t``; NULL when it does not convert without loss."""
+    if pa.types.is_integer(t):
+        return (
+            f"CASE WHEN regexp_full_match({s}, '[+-]?[0-9]+(\\.0*)?') "
+            f"THEN TRY_CAST(regexp_extract({s}, '^[+-]?[0-9]+') AS {sql_type(t)}) END"
+        )
+    if pa.types.is_decimal(t):
+        wide = f"DECIMAL(38,{min(37, max(t.scale + 10, 18))})"
+        target = sql_type(t)
+        return (
+            f"CASE WHEN regexp_full_match({s}, '[+-]?([0-9]+\\.?[0-9]*|\\.[0-9]+)') "
+            f"AND TRY_CAST({s} AS {wide}) = TRY_CAST({s} AS {target}) THEN TRY_CAST({s} AS {target}) END"
+        )
+    if pa.types.is_floating(t):
+        return f"TRY_CAST({s} AS DOUBLE)"
+    if pa.types.is_boolean(t):
+        trues = ", ".join(lit(w) for w in TRUE_WORDS)
+        falses = ", ".join(lit(w) for w in FALSE_WORDS)
+        return f"CASE WHEN lower({s}) IN ({trues}) THEN true WHEN lower({s}) IN ({falses}) THEN false END"
+    if pa.types.is_date32(t):
+        return f"CASE WHEN regexp_full_match({s}, '[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}') THEN TRY_CAST({s} AS DATE) END"
+    if pa.types.is_timestamp(t):
+        return f"TRY_CAST({s} AS TIMESTAMPTZ)"
+    raise ValueError(f"unsupported declared type {t}")
+
+
+def _from_native(x: str, src: pa.DataType, t: pa.DataType) -> str:
+    """SQL converting a typed value to ``t``: a cast that must survive the round trip back."""
+    target = sql_type(t)
+    if pa.types.is_timestamp(t):
+        return f"TRY_CAST({x} AS TIMESTAMPTZ)"
+    if pa.types.is_boolean(t) and (pa.types.is_integer(src) or pa.types.is_floating(src)):
+        return f"CASE WHEN {x} = 1 THEN true WHEN {x} = 0 THEN false END"
+    back = f"TRY_CAST(TRY_CAST({x} AS {target}) AS {_duck_type_of(src)})"
+    return f"CASE WHEN {back} = {x} THEN TRY_CAST({x} AS {target}) END"
+
+
+def _duck_type_of(t: pa.DataType) -> str:
+    if pa.types.is_integer(t):
+        return "HUGEINT"
+    if pa.types.is_floating(t):
+        return "DOUBLE"
+    if pa.types.is_decimal(t):
+        return f"DECIMAL({min(t.precision, 38)},{t.scale})"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMP" if t.tz is None else "TIMESTAMPTZ"
+    if pa.types.is_date(t):
+        return "DATE"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    return "VARCHAR"
+
+
+def _is_text(t: pa.DataType | None) -> bool:
+    return t is None or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_nested(t: pa.DataType) -> bool:
+    return pa.types.is_struct(t) or pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_map(t)
+
+
+def _value_text(i: str, t: pa.DataType | None) -> str:
+    """SQL for the offending value as it appears in reason_detail: quoted, and cut when long."""
+    text = i if _is_text(t) else f"CAST({i} AS VARCHAR)"
+    return f"(chr(39) || left({text}, {DETAIL_VALUE_CHARS}) || chr(39))"
+
+
+def _constraint_sql(c: Range | OneOf, v: str) -> tuple[str, str]:
+    """(SQL that is true when the constraint holds, its wording for reason_detail)."""
+    if isinstance(c, OneOf):
+        return f"({v} IS NULL OR {v} IN ({', '.join(lit(x) for x in c.values)}))", f"{c.column} in {{{', '.join(c.values)}}}"
+    parts, words = [], []
+    if c.low is not None:
+        op = ">=" if c.low_inclusive else ">"
+        parts.append(f"{v} {op} {c.low!r}")
+        words.append(f"{c.column} {op} {c.low:g}")
+    if c.high is not None:
+        op = "<=" if c.high_inclusive else "<"
+        parts.append(f"{v} {op} {c.high!r}")
+        words.append(f"{c.column} {op} {c.high:g}")
+    return f"({v} IS NULL OR ({' AND '.join(parts) or 'true'}))", " and ".join(words)
+
+
+@dataclass
+class BatchResult:
+    valid: pa.Table
+    rejects: pa.Table
+    reasons: Counter[str] = field(default_factory=Counter)
+    keys_present: set[str] = field(default_factory=set)
+
+
+class Validator:
+    """The validating statement of one source, built once and run on each of its batches."""
+
+    def __init__(
+        self,
+        table: Table,
+        *,
+        source_schema: pa.Schema,
+        raw_kind: RawKind,
+        output_schema: pa.Schema,
+    ) -> None:
+        self.table = table
+        self.raw_kind = raw_kind
+        self.output_schema = output_schema
+        names = [n for n in source_schema.names if n not in BOOKKEEPING]
+        declared = set(table.column_names)
+        self.extras = [n for n in names if n not in declared]
+        self.sql = self._build(source_schema, names)
+        self._con = duckdb.connect(config={"threads": 2})
+        self._con.execute("SET TimeZone = 'UTC'")
+
+    def close(self) -> None:
+        self._con.close()
+
+    # The statement is built in layers so that each expression is written once:
+    # l0 reads the raw record, l1 picks each declared column's input, l2 converts it,
+    # l3 decides the first reason that applies, and the outer SELECT shapes the output.
+    def _build(self, schema: pa.Schema, names: list[str]) -> str:
+        table = self.table
+        json_mode = self.raw_kind == "json"
+        present = {n: schema.field(n).type for n in names}
+        l0 = ["_row", "_bad"]
+        if self.raw_kind == "row":
+            fields = ", ".join(f"{lit(n)}: {ident(n)}" for n in names)
+            l0.append(f"to_json({{{fields}}})::VARCHAR AS _t")
+        else:
+            l0.append(f"rtrim(_raw, chr(13) || chr(10)) AS _t")
+        if json_mode:
+            paths = ", ".join(lit(f'$."{c.name}"') for c in table.columns)
+            l0 += [
+                "(json_valid(_t) AND json_type(_t) = 'OBJECT') AS _ok",
+            ]
+            l0_outer = [f"CASE WHEN _ok THEN json_extract_string(_t, [{paths}]) END AS _vals"]
+        else:
+            l0 += [ident(n) for n in names]
+            l0_outer = []
+
+        l1 = ["_row", "_bad", "_t"]
+        if json_mode:
+            l1 += ["_ok", "CASE WHEN _ok THEN json(_t) ELSE _t END AS _raw_out"]
+        else:
+            l1 += ["_t AS _raw_out"]
+        input_types: dict[str, pa.DataType | None] = {}
+        for i, col in enumerate(table.columns, start=1):
+            if json_mode:
+                l1.append(f"_vals[{i}] AS {ident('i__' + col.name)}")
+                l1.append(f"CASE WHEN _ok THEN json_exists(_t, {lit('$.' + chr(34) + col.name + chr(34))}) END AS {ident('h__' + col.name)}")
+                input_types[col.name] = None
+            elif col.name in present:
+                l1.append(f"{ident(col.name)} AS {ident('i__' + col.name)}")
+                input_types[col.name] = present[col.name]
+            else:
+                l1.append(f"NULL::VARCHAR AS {ident('i__' + col.name)}")
+                input_types[col.name] = None
+        l1.append(f"{self._rescued_sql(present, json_mode)} AS _rescued")
+
+        l2 = ["*"]
+        for col in table.columns:
+            i = ident("i__" + col.name)
+            src = input_types[col.name]
+            l2.append(f"{self._convert(i, src, col)} AS {ident('v__' + col.name)}")
+            l2.append(f"{self._missing(i, src)} AS {ident('m__' + col.name)}")
+
+        # Each (reason, column) pair gets a number; the first true one wins.
+        whens: list[str] = ["WHEN _bad IS NOT NULL THEN 0"]
+        reasons = ["MALFORMED_RECORD"]
+        details = ["_bad"]
+        for col in table.columns:
+            if col.required:
+                whens.append(f"WHEN {ident('m__' + col.name)} THEN {len(reasons)}")
+                reasons.append("MISSING_REQUIRED")
+                details.append(lit(f"{col.name} is missing"))
+        for col in table.columns:
+            i, v, m = ident("i__" + col.name), ident("v__" + col.name), ident("m__" + col.name)
+            whens.append(f"WHEN NOT {m} AND {v} IS NULL THEN {len(reasons)}")
+            reasons.append("TYPE_MISMATCH")
+            details.append(
+                f"{lit(col.name + '=')} || {_value_text(i, input_types[col.name])} || {lit(' is not a valid ' + type_name(col.type))}"
+            )
+        for con in table.constraints:
+            v = ident("v__" + con.column)
+            holds, words = _constraint_sql(con, v)
+            whens.append(f"WHEN NOT {holds} THEN {len(reasons)}")
+            reasons.append("CONSTRAINT_VIOLATION")
+            src_t = input_types[con.column]
+            details.append(
+                f"{lit(con.column + '=')} || {_value_text(ident('i__' + con.column), src_t)} || {lit(' violates ' + words)}"
+            )
+        self.reason_by_code = reasons
+        l3 = ["*", f"CASE {' '.join(whens)} END AS _why"]
+        detail_case = " ".join(f"WHEN {k} THEN {d}" for k, d in enumerate(details))
+
+        out = self._output_sql()
+        outer = [
+            "_why",
+            f"CASE _why {detail_case} END AS _detail",
+            "_raw_out",
+            *out,
+        ]
+        if json_mode:
+            outer += [ident("h__" + c.name) for c in table.columns if c.required]
+        sql = f"SELECT {', '.join(l0)} FROM src"
+        if l0_outer:
+            sql = f"SELECT *, {', '.join(l0_outer)} FROM ({sql})"
+        sql = f"SELECT {', '.join(l1)} FROM ({sql})"
+        sql = f"SELECT {', '.join(l2)} FROM ({sql})"
+        sql = f"SELECT {', '.join(l3)} FROM ({sql})"
+        return f"SELECT {', '.join(outer)} FROM ({sql})"
+
+    def _convert(self, i: str, src: pa.DataType | None, col: Column) -> str:
+        t = col.type
+        if pa.types.is_string(t):
+            if src is not None and _is_nested(src):
+                return f"to_json({i})::VARCHAR"
+            return i if _is_text(src) else f"CAST({i} AS VARCHAR)"
+        if _is_text(src):
+            return _from_text(f"trim({i}, {WS})", t)
+        assert src is not None
+        if _is_nested(src) or pa.types.is_binary(src):
+            return "NULL"
+        return _from_native(i, src, t)
+
+    @staticmethod
+    def _missing(i: str, src: pa.DataType | None) -> str:
+        if _is_text(src):
+            return f"({i} IS NULL OR trim({i}, {WS}) = '')"
+        return f"({i} IS NULL)"
+
+    def _rescued_sql(self, present: dict[str, pa.DataType], json_mode: bool) -> str:
+        if self.table.new_columns != "rescue":
+            return "NULL::VARCHAR"
+        if json_mode:
+            drop = "{" + ",".join(f'"{c}":null' for c in self.table.column_names) + "}"
+            p = f"json_merge_patch(_t, {lit(drop)})"
+            return f"CASE WHEN _ok THEN NULLIF(json_merge_patch({p}, {p})::VARCHAR, '{{}}') END"
+        if not self.extras:
+            return "NULL::VARCHAR"
+        pairs = []
+        for n in self.extras:
+            x = ident(n)
+            if _is_text(present[n]):
+                x = f"CASE WHEN trim({x}, {WS}) <> '' THEN {x} END"
+            pairs.append(f"{lit(n)}, {x}")
+        return f"NULLIF(json_merge_patch('{{}}', json_object({', '.join(pairs)}))::VARCHAR, '{{}}')"
+
+    def _output_sql(self) -> list[str]:
+        table = self.table
+        cols = [f"{ident('v__' + c.name)} AS {ident(c.name)}" for c in table.columns]
+        for d in table.derived:
+            src = ident("v__" + d.source)
+            expr = f"CAST({src} AS DATE)" if d.kind == "utc_date" else f"strftime({src}, '%Y-%m')"
+            cols.append(f"{expr} AS {ident(d.name)}")
+        if table.new_columns == "rescue":
+            cols.append("_rescued AS _rescued_data")
+        cols += [
+            "$ingestion_ts::TIMESTAMPTZ AS ingestion_ts",
+            "$src_filename::VARCHAR AS src_filename",
+            "_row AS src_row_number",
+            "md5(_t) AS src_row_hash",
+        ]
+        if table.op_column:
+            op, ts = ident("v__" + table.op_column), ident("v__" + (table.order_by or ""))
+            cols += [
+                f"coalesce({op} = 'D', false) AS is_deleted",
+                f"CASE WHEN {op} = 'D' THEN {ts} END AS deleted_at",
+            ]
+        return cols
+
+    def run(
+        self,
+        batch: pa.RecordBatch,
+        *,
+        src_filename: str,
+        ingestion_ts: dt.datetime,
+        force: tuple[str, str] | None = None,
+    ) -> BatchResult:
+        """Validate one batch: typed valid rows (``output_schema``) and reject rows (``REJECT_SCHEMA``).
+
+        ``force`` = (reason, detail) rejects every record with that reason (a file-level outcome).
+        """
+        con = self._con
+        con.register("src", batch)
+        try:
+            result = con.sql(
+                self.sql, params={"ingestion_ts": ingestion_ts, "src_filename": src_filename}
+            ).to_arrow_table()
+        finally:
+            con.unregister("src")
+        why = result.column("_why")
+        is_valid = pc.is_null(why)
+        keys: set[str] = set()
+        if self.raw_kind == "json":
+            for c in self.table.columns:
+                if c.required and pc.any(result.column("h__" + c.name)).as_py():
+                    keys.add(c.name)
+        if force is not None:
+            n = result.num_rows
+            rejects = pa.table(
+                [
+                    result.column("src_filename"),
+                    result.column("src_row_number"),
+                    pa.array([force[0]] * n, pa.string()),
+                    pa.array([force[1]] * n, pa.string()),
+                    result.column("_raw_out"),
+                    result.column("ingestion_ts"),
+                ],
+                schema=REJECT_SCHEMA,
+            )
+            return BatchResult(self.output_schema.empty_table(), rejects, Counter({force[0]: n}), keys)
+        valid = result.filter(is_valid).select(self.output_schema.names).cast(self.output_schema)
+        bad = result.filter(pc.invert(is_valid))
+        reasons: Counter[str] = Counter()
+        if bad.num_rows:
+            codes = pa.array(self.reason_by_code, pa.string())
+            reason_col = pc.take(codes, bad.column("_why"))
+            for item in pc.value_counts(reason_col).to_pylist():
+                reasons[item["values"]] += item["counts"]
+            rejects = pa.table(
+                [
+                    bad.column("src_filename"),
+                    bad.column("src_row_number"),
+                    reason_col,
+                    bad.column("_detail"),
+                    bad.column("_raw_out"),
+                    bad.column("ingestion_ts"),
+                ],
+                schema=REJECT_SCHEMA,
+            )
+        else:
+            rejects = REJECT_SCHEMA.empty_table()
+        return BatchResult(valid, rejects, reasons, keys)
+
+
+def output_schema(table: Table, *, extra_columns: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The full bronze row: declared, derived, rescued and audit columns (partition columns included)."""
+    fields = [pa.field(c.name, c.type) for c in table.columns]
+    fields += list(extra_columns)
+    for d in table.derived:
+        fields.append(pa.field(d.name, pa.date32() if d.kind == "utc_date" else pa.string()))
+    if table.new_columns == "rescue":
+        fields.append(pa.field("_rescued_data", pa.string()))
+    fields += [
+        pa.field("ingestion_ts", pa.timestamp("us", tz="UTC")),
+        pa.field("src_filename", pa.string()),
+        pa.field("src_row_number", pa.int64()),
+        pa.field("src_row_hash", pa.string()),
+    ]
+    if table.op_column:
+        fields += [pa.field("is_deleted", pa.bool_()), pa.field("deleted_at", pa.timestamp("us", tz="UTC"))]
+    # Partition columns last: that is where every hive reader puts them, so both outputs agree.
+    by_name = {f.name: f for f in fields}
+    parts = [by_name[c] for c in table.partition_by]
+    return pa.schema([f for f in fields if f.name not in table.partition_by] + parts)
+
+
+def rejects_for_file(
+    *, src_filename: str, reason: str, detail: str, raw_records: Sequence[tuple[int, str]], ingestion_ts: dt.datetime
+) -> pa.Table:
+    """Reject rows for a whole-file outcome (UNREADABLE_FILE, SCHEMA_MISMATCH)."""
+    n = len(raw_records)
+    return pa.table(
+        [
+            pa.array([src_filename] * n, pa.string()),
+            pa.array([r for r, _ in raw_records], pa.int64()),
+            pa.array([reason] * n, pa.string()),
+            pa.array([detail] * n, pa.string()),
+            pa.array([t for _, t in raw_records], pa.string()),
+            pa.array([ingestion_ts] * n, pa.timestamp("us", tz="UTC")),
+        ],
+        schema=REJECT_SCHEMA,
+    )
