@@ -27,7 +27,7 @@ from bronze_assets.discovery import RawSource, discover
 from bronze_assets.errors import BadArgument, BronzeError, UnreadableFile
 from bronze_assets.lake import TARGET_FILE_BYTES, Lake, PartitionedWriter, RejectsWriter, source_id
 from bronze_assets.manifest import INGESTED, Manifest, ManifestRow, utcnow
-from bronze_assets.readers import open_source
+from bronze_assets.readers import Reading, open_source
 from bronze_assets.validation import Validator, output_schema, rejects_for_file
 from schemas.schemas import TABLES, TABLES_BY_NAME, Table, ValidationMode
 
@@ -170,7 +170,6 @@ def _run_locked(settings: Settings, tables: list[Table], run_id: str, progress: 
             lake.reconcile(t.name)
 
     previous = manifest.rows()
-    table_columns = manifest.table_columns() if settings.manifest.exists() else {}
     checksums_seen: dict[tuple[str, str], str] = {
         (r.table_name, r.file_checksum): r.src_path
         for r in previous.values()
@@ -222,13 +221,25 @@ def _run_locked(settings: Settings, tables: list[Table], run_id: str, progress: 
         if outcome.status in INGESTED:
             checksums_seen[(source.table, checksum)] = source.src_path
         if not settings.dry_run:
-            schema_rows = []
-            if columns is not None:
-                before = table_columns.get(table.name)
-                schema_rows.append((table.name, source.src_path, columns, _change(before, columns)))
-                table_columns[table.name] = columns
-            manifest.record(_manifest_row(source, outcome, checksum, run_id), schema_rows=schema_rows)
+            record_outcome(manifest, source, outcome, checksum, run_id, table, columns)
     return RunResult(run_id, settings.dry_run, outcomes, unchanged, discovery.unmatched, discovery.too_new)
+
+
+def record_outcome(
+    manifest: Manifest,
+    source: RawSource,
+    outcome: Outcome,
+    checksum: str | None,
+    run_id: str,
+    table: Table,
+    columns: list[str] | None,
+) -> None:
+    """Record a source's outcome, and the columns it carried in the schema history."""
+    schema_rows = []
+    if columns is not None and outcome.status != "failed":
+        before = manifest.table_columns().get(table.name)
+        schema_rows.append((table.name, source.src_path, columns, _change(before, columns)))
+    manifest.record(_manifest_row(source, outcome, checksum, run_id), schema_rows=schema_rows)
 
 
 def _root_file_in(src_path: str, tables: set[str]) -> bool:
@@ -310,8 +321,12 @@ def ingest_file(
     settings: Settings,
     run_id: str,
     progress: Progress,
+    opener: Callable[[RawSource], Reading] = open_source,
 ) -> tuple[Outcome, list[str] | None]:
-    """Read, validate and (unless dry) publish one raw file. Returns its outcome and the columns seen."""
+    """Read, validate and (unless dry) publish one raw source. Returns its outcome and the columns seen.
+
+    ``opener`` reads the source; Delta source versions pass their own.
+    """
     started = time.monotonic()
     mode = settings.validation_mode or table.validation_mode
     ingestion_ts = dt.datetime.now(dt.UTC)
@@ -322,7 +337,9 @@ def ingest_file(
     columns: list[str] | None = None
     writer: PartitionedWriter | _Counting | None = None
     try:
-        columns, writer = _stream(source, table, staged, rejects, outcome, settings, ingestion_ts, token, progress)
+        columns, writer = _stream(
+            source, table, staged, rejects, outcome, settings, ingestion_ts, token, progress, opener
+        )
     except UnreadableFile as exc:
         if isinstance(writer, PartitionedWriter):
             writer.abort()
@@ -392,8 +409,9 @@ def _stream(
     ingestion_ts: dt.datetime,
     token: str,
     progress: Progress,
+    opener: Callable[[RawSource], Reading],
 ) -> tuple[list[str] | None, PartitionedWriter | _Counting | None]:
-    reading = open_source(source)
+    reading = opener(source)
     columns = list(reading.columns)
     force: tuple[str, str] | None = None
     if reading.raw_kind != "json":
@@ -427,7 +445,7 @@ def _stream(
                 rejects.discard()
             outcome.rows, outcome.rejects = 0, Counter()
             force = ("SCHEMA_MISMATCH", f"missing required key(s) in every record: {', '.join(missing)}")
-            _consume(open_source(source), table, schema, writer, rejects, outcome, source, ingestion_ts, force, progress)
+            _consume(opener(source), table, schema, writer, rejects, outcome, source, ingestion_ts, force, progress)
     if force is not None:
         outcome.status = "rejected"
         outcome.error = force[1]
@@ -435,7 +453,7 @@ def _stream(
 
 
 def _consume(
-    reading,  # type: ignore[no-untyped-def]
+    reading: Reading,
     table: Table,
     schema: pa.Schema,
     writer: PartitionedWriter | _Counting,

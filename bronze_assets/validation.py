@@ -214,23 +214,27 @@ class Validator:
         if json_mode:
             paths = ", ".join(lit(f'$."{c.name}"') for c in table.columns)
             l0 += [
-                "(json_valid(_t) AND json_type(_t) = 'OBJECT') AS _ok",
+                "_j",
+                "coalesce(_j IS NOT NULL AND json_type(_j) = 'OBJECT', false) AS _ok",
             ]
-            l0_outer = [f"CASE WHEN _ok THEN json_extract_string(_t, [{paths}]) END AS _vals"]
+            # try(): DuckDB may evaluate a CASE branch on rows the condition excludes.
+            l0_outer = []
+            l0_vals = f"CASE WHEN _ok THEN json_extract_string(_j, [{paths}]) END AS _vals"
         else:
             l0 += [ident(n) for n in names]
             l0_outer = []
+            l0_vals = ""
 
-        l1 = ["_row", "_bad", "_t"]
+        l1 = ["_row", "_bad", "_t", *(["_j"] if json_mode else [])]
         if json_mode:
-            l1 += ["_ok", "CASE WHEN _ok THEN json(_t) ELSE _t END AS _raw_out"]
+            l1 += ["_ok", "coalesce(json(_j)::VARCHAR, _t) AS _raw_out"]
         else:
             l1 += ["_t AS _raw_out"]
         input_types: dict[str, pa.DataType | None] = {}
         for i, col in enumerate(table.columns, start=1):
             if json_mode:
                 l1.append(f"_vals[{i}] AS {ident('i__' + col.name)}")
-                l1.append(f"CASE WHEN _ok THEN json_exists(_t, {lit('$.' + chr(34) + col.name + chr(34))}) END AS {ident('h__' + col.name)}")
+                l1.append(f"CASE WHEN _ok THEN json_exists(_j, {lit('$.' + chr(34) + col.name + chr(34))}) END AS {ident('h__' + col.name)}")
                 input_types[col.name] = None
             elif col.name in present:
                 l1.append(f"{ident(col.name)} AS {ident('i__' + col.name)}")
@@ -251,6 +255,10 @@ class Validator:
         whens: list[str] = ["WHEN _bad IS NOT NULL THEN 0"]
         reasons = ["MALFORMED_RECORD"]
         details = ["_bad"]
+        if json_mode:
+            whens.append("WHEN NOT _ok THEN 1")
+            reasons.append("MALFORMED_RECORD")
+            details.append("CASE WHEN _j IS NULL THEN 'invalid JSON' ELSE 'a JSON ' || lower(json_type(_j)) || ', not an object' END")
         for col in table.columns:
             if col.required:
                 whens.append(f"WHEN {ident('m__' + col.name)} THEN {len(reasons)}")
@@ -288,6 +296,8 @@ class Validator:
         sql = f"SELECT {', '.join(l0)} FROM src"
         if l0_outer:
             sql = f"SELECT *, {', '.join(l0_outer)} FROM ({sql})"
+        if l0_vals:
+            sql = f"SELECT *, {l0_vals} FROM ({sql})"
         sql = f"SELECT {', '.join(l1)} FROM ({sql})"
         sql = f"SELECT {', '.join(l2)} FROM ({sql})"
         sql = f"SELECT {', '.join(l3)} FROM ({sql})"
@@ -317,7 +327,7 @@ class Validator:
             return "NULL::VARCHAR"
         if json_mode:
             drop = "{" + ",".join(f'"{c}":null' for c in self.table.column_names) + "}"
-            p = f"json_merge_patch(_t, {lit(drop)})"
+            p = f"json_merge_patch(_j, {lit(drop)})"
             return f"CASE WHEN _ok THEN NULLIF(json_merge_patch({p}, {p})::VARCHAR, '{{}}') END"
         if not self.extras:
             return "NULL::VARCHAR"
@@ -365,6 +375,15 @@ class Validator:
         ``force`` = (reason, detail) rejects every record with that reason (a file-level outcome).
         """
         con = self._con
+        if self.raw_kind == "json":
+            # Only text that parses goes near DuckDB's JSON functions: the planner may hoist their
+            # implicit casts above any CASE that guards them, and one bad record would fail the batch.
+            con.register("src", batch)
+            try:
+                ok = con.sql("SELECT coalesce(json_valid(_raw), false) FROM src").to_arrow_table().column(0)
+            finally:
+                con.unregister("src")
+            batch = batch.append_column("_j", pc.if_else(ok, batch.column("_raw"), pa.scalar(None, pa.string())))
         con.register("src", batch)
         try:
             result = con.sql(
