@@ -88,6 +88,14 @@ def format_summary(result: RunResult) -> str:
         total_rows += t["rows"]
         total_rej += t["rejected"]
     lines.append(f"{'total':<10} {'':>8} {'':>4} {'':>9} {'':>6} {total_rows:>19,} {total_rej:>9,}")
+    lines.append("")
+    lines.append(f"lake totals{' (after this dry run)' if result.dry_run else ''}: every source ingested so far")
+    lines.append(f"{'table':<10} {'sources':>8} {'rows':>12} {'rejected':>9}  by reason")
+    for table in sorted(result.totals):
+        sources, rows, reasons_t = result.totals[table]
+        by = ", ".join(f"{r}={reasons_t[r]}" for r in REASONS if reasons_t[r])
+        lines.append(f"{table:<10} {sources:>8} {rows:>12,} {sum(reasons_t.values()):>9,}  {by}")
+    lines.append("")
     for o in result.outcomes:
         if o.status == "failed" or (o.status == "rejected" and o.error):
             lines.append(f"{o.status}: {o.src_path}: {o.error}")

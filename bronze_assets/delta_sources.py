@@ -134,7 +134,8 @@ def ingest_delta_source(
 
         def opener(_: RawSource, version: int = version, adds: list[dict[str, object]] = adds) -> Reading:
             batches = _cdf_batches(dt_, version) if cdf else _added_file_batches(root, adds, arrow_schema)
-            return Reading(list(arrow_schema.names), _guard(version_source, _with_bookkeeping(batches)), "row")
+            plain = pa.schema([pa.field(f.name, pa.string()) if pa.types.is_string_view(f.type) else f for f in arrow_schema])
+            return Reading(list(plain.names), _guard(version_source, _with_bookkeeping(batches)), "row", plain)
 
         outcome, columns = ingest_file(
             version_source, table, lake=lake, settings=settings, run_id=run_id, progress=progress, opener=opener

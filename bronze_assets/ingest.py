@@ -28,7 +28,7 @@ from bronze_assets.errors import BadArgument, BronzeError, UnreadableFile
 from bronze_assets.lake import TARGET_FILE_BYTES, Lake, PartitionedWriter, RejectsWriter, source_id
 from bronze_assets.manifest import INGESTED, Manifest, ManifestRow, utcnow
 from bronze_assets.readers import Reading, open_source
-from bronze_assets.validation import Validator, output_schema, rejects_for_file
+from bronze_assets.validation import Validator, added_columns, output_schema, rejects_for_file
 from schemas.schemas import TABLES, TABLES_BY_NAME, Table, ValidationMode
 
 Status = Literal["success", "duplicate", "rejected", "failed"]
@@ -82,6 +82,8 @@ class RunResult:
     unchanged: Counter[str]
     unmatched: tuple[str, ...]
     too_new: tuple[str, ...]
+    # Per table, over every source ingested so far (this run included): sources, rows, rejects.
+    totals: dict[str, tuple[int, int, Counter[str]]] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -222,7 +224,29 @@ def _run_locked(settings: Settings, tables: list[Table], run_id: str, progress: 
             checksums_seen[(source.table, checksum)] = source.src_path
         if not settings.dry_run:
             record_outcome(manifest, source, outcome, checksum, run_id, table, columns)
-    return RunResult(run_id, settings.dry_run, outcomes, unchanged, discovery.unmatched, discovery.too_new)
+    totals = _totals(manifest.rows() if not settings.dry_run else previous, outcomes, settings.dry_run, wanted)
+    return RunResult(run_id, settings.dry_run, outcomes, unchanged, discovery.unmatched, discovery.too_new, totals)
+
+
+def _totals(
+    rows: dict[str, ManifestRow], outcomes: list[Outcome], dry_run: bool, tables: set[str]
+) -> dict[str, tuple[int, int, Counter[str]]]:
+    import json
+
+    per: dict[str, tuple[int, int, Counter[str]]] = {}
+    merged: dict[str, tuple[str, str, int, Counter[str]]] = {
+        r.src_path: (r.table_name, r.status, r.row_count, Counter(json.loads(r.rejects_by_reason or "{}")))
+        for r in rows.values()
+    }
+    if dry_run:
+        for o in outcomes:
+            merged[o.src_path] = (o.table, o.status, o.rows, o.rejects)
+    for table, status, n, rejects in merged.values():
+        if table not in tables or status not in INGESTED:
+            continue
+        sources, total, reasons = per.get(table, (0, 0, Counter()))
+        per[table] = (sources + 1, total + n, reasons + rejects)
+    return per
 
 
 def record_outcome(
@@ -373,7 +397,7 @@ def ingest_file(
             files = writer.close() if isinstance(writer, PartitionedWriter) else []
             rejects.close()
             if outcome.status != "failed":
-                schema = output_schema(table)
+                schema = writer.schema if isinstance(writer, PartitionedWriter) else output_schema(table)
                 outcome.delta_version = lake.publish(
                     table=table.name,
                     src_path=source.src_path,
@@ -418,7 +442,7 @@ def _stream(
         missing = tuple(c for c in table.required if c not in columns)
         if missing:
             force = ("SCHEMA_MISMATCH", f"missing required column(s): {', '.join(missing)}")
-    schema = output_schema(table)
+    schema = output_schema(table, extra_columns=added_columns(table, columns, reading.schema))
     writer: PartitionedWriter | _Counting
     if settings.dry_run:
         writer = _Counting(table.partition_by)

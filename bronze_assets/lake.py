@@ -104,6 +104,7 @@ class PartitionedWriter:
         buffer_bytes: int = BUFFER_BYTES,
     ) -> None:
         self.directory = directory
+        self.schema = schema
         self.partition_by = partition_by
         self.file_schema = pa.schema([f for f in schema if f.name not in partition_by])
         self.prefix = prefix
@@ -356,6 +357,7 @@ class Lake:
         """Replace ``src_path``'s rows in both outputs with ``files``; return the new Delta version
         (None when nothing changed)."""
         dt_ = self.ensure_delta(table, schema, partition_by)
+        self._add_new_columns(dt_, schema)
         old = self.source_files(dt_, src_path)
         if not old and not files:
             return None
@@ -381,7 +383,7 @@ class Lake:
         dt_.create_write_transaction(
             actions,
             mode="append",
-            schema=schema,
+            schema=self.table_schema(dt_),
             partition_by=list(partition_by) or None,
             commit_properties=CommitProperties(
                 custom_metadata={"bronze.src_path": src_path, "bronze.run_id": run_id}
@@ -394,6 +396,19 @@ class Lake:
             _remove(parquet_dir / path)
         dt_.update_incremental()
         return dt_.version()
+
+    @staticmethod
+    def _add_new_columns(dt_: DeltaTable, schema: pa.Schema) -> None:
+        """Schema evolution: columns of ``schema`` the Delta table lacks are added (nullable)."""
+        from deltalake.schema import Schema as DeltaSchema
+
+        have = {f.name for f in pa.schema(dt_.schema().to_arrow())}  # type: ignore[arg-type]
+        new = [f.with_nullable(True) for f in schema if f.name not in have]
+        if new:
+            dt_.alter.add_columns(DeltaSchema.from_arrow(pa.schema(new)).fields)
+
+    def table_schema(self, dt_: DeltaTable) -> pa.Schema:
+        return pa.schema(dt_.schema().to_arrow())  # type: ignore[arg-type]
 
     def write_rejects(self, table: str, src_path: str, staged: Path) -> None:
         final = self.rejects_file(table, src_path)

@@ -49,8 +49,8 @@ class Reading:
     columns: list[str]
     batches: Iterator[pa.RecordBatch]
     raw_kind: RawKind
-    # For JSON: which keys were seen in at least one record (filled while streaming).
-    keys_seen: set[str] = field(default_factory=set)
+    # Types of the source's columns when they are native (Parquet, Delta); text formats: None.
+    schema: pa.Schema | None = None
 
 
 Reader = Callable[[RawSource], Reading]
@@ -570,7 +570,7 @@ def read_parquet(source: RawSource, *, batch_rows: int = 131_072) -> Reading:
         finally:
             pf.close()
 
-    return Reading(list(schema.names), guarded(source, batches()), "row")
+    return Reading(list(schema.names), guarded(source, batches()), "row", schema)
 
 
 # --------------------------------------------------------------------------------------------

@@ -243,6 +243,10 @@ class Validator:
                 l1.append(f"NULL::VARCHAR AS {ident('i__' + col.name)}")
                 input_types[col.name] = None
         l1.append(f"{self._rescued_sql(present, json_mode)} AS _rescued")
+        if table.new_columns == "add":
+            for n in self.extras:
+                x = ident(n)
+                l1.append(f"to_json({x})::VARCHAR AS {x}" if _is_nested(present[n]) else x)
 
         l2 = ["*"]
         for col in table.columns:
@@ -342,6 +346,8 @@ class Validator:
     def _output_sql(self) -> list[str]:
         table = self.table
         cols = [f"{ident('v__' + c.name)} AS {ident(c.name)}" for c in table.columns]
+        if table.new_columns == "add":
+            cols += [ident(n) for n in self.extras]
         for d in table.derived:
             src = ident("v__" + d.source)
             expr = f"CAST({src} AS DATE)" if d.kind == "utc_date" else f"strftime({src}, '%Y-%m')"
@@ -434,6 +440,22 @@ class Validator:
         else:
             rejects = REJECT_SCHEMA.empty_table()
         return BatchResult(valid, rejects, reasons, keys)
+
+
+def added_columns(table: Table, columns: Sequence[str], schema: pa.Schema | None) -> list[pa.Field]:
+    """The undeclared columns a source adds to a table whose policy is ``add``, typed as in the
+    source (text formats: string; nested values: their JSON text)."""
+    if table.new_columns != "add":
+        return []
+    out = []
+    for name in columns:
+        if name in table.column_names or name in BOOKKEEPING:
+            continue
+        t = schema.field(name).type if schema is not None and name in schema.names else pa.string()
+        if _is_nested(t) or pa.types.is_string_view(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
+            t = pa.string()
+        out.append(pa.field(name, t))
+    return out
 
 
 def output_schema(table: Table, *, extra_columns: Sequence[pa.Field] = ()) -> pa.Schema:
