@@ -26,6 +26,7 @@ from typing import IO, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -206,13 +207,14 @@ def _utf8_bad_records(chunk: _Chunk) -> np.ndarray:
 
 
 def _records_array(buf: bytes, starts: np.ndarray, ends: np.ndarray) -> pa.Array:
-    """Zero-copy string array of the records: each spans from its start to the next record's start,
-    so it still carries its terminator (and any blank lines after it); validation strips them."""
+    """String array of the records' text. Built zero-copy with each element running to the next
+    record's start, then cut back to its end (a numpy gather of the bytes is far slower)."""
     n = starts.size
     offsets = np.empty(n + 1, dtype=np.int32)
     offsets[:n] = starts
     offsets[n] = ends[-1] if n else 0
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf))
+    spans = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf))
+    return pc.utf8_rtrim(spans, characters="\r\n")
 
 
 def _bookkeeping(rows: np.ndarray, raw: pa.Array, bad: pa.Array) -> dict[str, pa.Array]:
