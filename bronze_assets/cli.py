@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     except KeyboardInterrupt:
         print("load-to-bronze: interrupted", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - the contract wants one line, never a bare traceback
+    except Exception as exc:
         print(f"load-to-bronze: error: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 2
     print(format_summary(result), file=out)

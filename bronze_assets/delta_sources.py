@@ -117,7 +117,7 @@ def ingest_delta_source(
         current = dt_.version()
         cdf = dt_.metadata().configuration.get("delta.enableChangeDataFeed", "false").lower() == "true"
         arrow_schema = pa.schema(dt_.schema().to_arrow())  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 - delta-rs raises several unrelated types for a broken table
+    except Exception as exc:
         return [Outcome(source.src_path, source.table, "failed", error=f"cannot open the Delta source: {exc}")]
     last = manifest.watermarks().get(source.src_path, -1)
     outcomes: list[Outcome] = []
@@ -132,10 +132,12 @@ def ingest_delta_source(
         size = sum(int(a.get("size", 0)) for a in adds)  # type: ignore[call-overload]
         version_source = replace(source, src_path=f"{source.src_path}@v{version}", size=size)
 
-        def opener(_: RawSource, version: int = version, adds: list[dict[str, object]] = adds) -> Reading:
+        def opener(
+            vs: RawSource, version: int = version, adds: list[dict[str, object]] = adds
+        ) -> Reading:
             batches = _cdf_batches(dt_, version) if cdf else _added_file_batches(root, adds, arrow_schema)
             plain = pa.schema([pa.field(f.name, pa.string()) if pa.types.is_string_view(f.type) else f for f in arrow_schema])
-            return Reading(list(plain.names), _guard(version_source, _with_bookkeeping(batches)), "row", plain)
+            return Reading(list(plain.names), _guard(vs, _with_bookkeeping(batches)), "row", plain)
 
         outcome, columns = ingest_file(
             version_source, table, lake=lake, settings=settings, run_id=run_id, progress=progress, opener=opener
@@ -157,5 +159,5 @@ def _guard(source: RawSource, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.
         yield from batches
     except (OSError, pa.ArrowException) as exc:
         raise UnreadableFile(source.src_path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
-    except Exception as exc:  # noqa: BLE001 - delta-rs errors are not a single exception type
+    except Exception as exc:
         raise UnreadableFile(source.src_path, f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc

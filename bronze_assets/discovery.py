@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -66,9 +66,9 @@ def table_for_root_file(name: str, tables: Iterable[Table]) -> Table | None:
     best: Table | None = None
     for table in tables:
         n = len(table.name)
-        if name.startswith(table.name) and len(name) > n and name[n] in "._-":
-            if best is None or len(table.name) > len(best.name):
-                best = table
+        matches = name.startswith(table.name) and len(name) > n and name[n] in "._-"
+        if matches and (best is None or n > len(best.name)):
+            best = table
     return best
 
 
@@ -123,7 +123,16 @@ def discover(
     return Discovery(tuple(sources), tuple(sorted(unmatched)), tuple(sorted(too_new)))
 
 
-def _walk_table_dir(directory, root, table, sources, consider, min_file_age, now, too_new) -> None:  # type: ignore[no-untyped-def]
+def _walk_table_dir(
+    directory: Path,
+    root: Path,
+    table: Table,
+    sources: list[RawSource],
+    consider: Callable[[Path, str, Table | None], None],
+    min_file_age: float,
+    now: float,
+    too_new: list[str],
+) -> None:
     for dirpath, dirnames, filenames in os.walk(directory):
         here = Path(dirpath)
         keep = []

@@ -113,12 +113,12 @@ def run_lock(settings: Settings) -> Iterator[None]:
         if not path.exists():
             yield
             return
-        fh = open(path, "rb")  # noqa: SIM115
         mode = fcntl.LOCK_SH
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "ab")  # noqa: SIM115
+        path.touch()
         mode = fcntl.LOCK_EX
+    fh = open(path, "rb")  # noqa: SIM115 - closed in finally
     try:
         deadline = None if settings.lock_timeout is None else time.monotonic() + settings.lock_timeout
         while True:
@@ -193,11 +193,15 @@ def _run_locked(settings: Settings, tables: list[Table], run_id: str, progress: 
             continue
         prev = previous.get(source.src_path)
         forced = source.src_path in reprocess
-        if prev and not forced and prev.status in (*INGESTED, "duplicate"):
-            if prev.file_size_bytes == source.size and prev.file_mtime_ns == source.mtime_ns:
-                if prev.status != "duplicate" or _still_duplicate(prev, previous):
-                    unchanged[source.table] += 1
-                    continue
+        same_stat = prev is not None and (prev.file_size_bytes, prev.file_mtime_ns) == (source.size, source.mtime_ns)
+        if (
+            prev
+            and not forced
+            and same_stat
+            and (prev.status in INGESTED or (prev.status == "duplicate" and _still_duplicate(prev, previous)))
+        ):
+            unchanged[source.table] += 1
+            continue
         checksum = sha256_file(source.path)
         if prev and not forced and prev.file_checksum == checksum and prev.status in INGESTED:
             manifest.touch(source.src_path, mtime_ns=source.mtime_ns)

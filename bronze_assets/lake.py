@@ -327,7 +327,7 @@ class Lake:
         """The active files of ``src_path`` in the Delta table: (path, size, partition values)."""
         sid = source_id(src_path) + "-"
         actions = pa.table(dt_.get_add_actions(flatten=False))
-        out = []
+        out: list[tuple[str, int, dict[str, str | None]]] = []
         if actions.num_rows == 0:
             return out
         paths = actions.column("path").cast(pa.string()).to_pylist()

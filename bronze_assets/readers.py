@@ -386,10 +386,10 @@ def _join_records(buf: bytes, starts: np.ndarray, ends: np.ndarray) -> bytes:
     breaks = np.flatnonzero(starts[1:] > ends[:-1] + 2) + 1  # a gap other than a LF or CRLF terminator
     seg_first = np.concatenate(([0], breaks))
     seg_last = np.concatenate((breaks - 1, [starts.size - 1]))
-    parts = []
+    parts: list[bytes | memoryview] = []
     mv = memoryview(buf)
-    for f, l in zip(seg_first.tolist(), seg_last.tolist(), strict=True):
-        parts.append(mv[int(starts[f]) : int(ends[l])])
+    for first, last in zip(seg_first.tolist(), seg_last.tolist(), strict=True):
+        parts.append(mv[int(starts[first]) : int(ends[last])])
         parts.append(b"\n")
     return b"".join(parts)
 
@@ -432,7 +432,7 @@ def read_jsonl(source: RawSource, *, chunk_bytes: int = CHUNK_BYTES) -> Reading:
                 bad = _utf8_bad_records(chunk)
                 raw = _raw_text(chunk.buf, starts, ends, bad)
                 reasons = (
-                    pa.array(np.where(bad, "bytes that are not valid UTF-8", None).tolist(), pa.string())
+                    pa.array(["bytes that are not valid UTF-8" if b else None for b in bad.tolist()], pa.string())
                     if bad.any()
                     else pa.nulls(n, pa.string())
                 )

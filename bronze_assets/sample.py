@@ -1054,7 +1054,7 @@ def _returns(out: Path) -> list[_Expected]:
             status="refunded",
         )
         v1.append(row)
-    for k, (rid, base) in enumerate(
+    for k, (_rid, base) in enumerate(
         ((5, by_id[5]), (45, by_id[45]), (320, v0_by_id[320]))
     ):
         v1.append(

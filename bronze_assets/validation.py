@@ -227,12 +227,9 @@ class Validator:
                 "_j",
                 "coalesce(_j IS NOT NULL AND json_type(_j) = 'OBJECT', false) AS _ok",
             ]
-            # try(): DuckDB may evaluate a CASE branch on rows the condition excludes.
-            l0_outer = []
             l0_vals = f"CASE WHEN _ok THEN json_extract_string(_j, [{paths}]) END AS _vals"
         else:
             l0 += [ident(n) for n in names]
-            l0_outer = []
             l0_vals = ""
 
         l1 = ["_row", "_bad", "_t", *(["_j"] if json_mode else [])]
@@ -241,9 +238,9 @@ class Validator:
         else:
             l1 += ["_t AS _raw_out"]
         input_types: dict[str, pa.DataType | None] = {}
-        for i, col in enumerate(table.columns, start=1):
+        for k, col in enumerate(table.columns, start=1):
             if json_mode:
-                l1.append(f"_vals[{i}] AS {ident('i__' + col.name)}")
+                l1.append(f"_vals[{k}] AS {ident('i__' + col.name)}")
                 l1.append(f"CASE WHEN _ok THEN json_exists(_j, {lit('$.' + chr(34) + col.name + chr(34))}) END AS {ident('h__' + col.name)}")
                 input_types[col.name] = None
             elif col.name in present:
@@ -286,8 +283,8 @@ class Validator:
                 f"{lit(col.name + '=')} || {_value_text(i, input_types[col.name])} || {lit(' is not a valid ' + type_name(col.type))}"
             )
         for con in table.constraints:
-            v = ident("v__" + con.column)
-            holds, words = _constraint_sql(con, v)
+            cv = ident("v__" + con.column)
+            holds, words = _constraint_sql(con, cv)
             whens.append(f"WHEN NOT {holds} THEN {len(reasons)}")
             reasons.append("CONSTRAINT_VIOLATION")
             src_t = input_types[con.column]
@@ -308,8 +305,6 @@ class Validator:
         if json_mode:
             outer += [ident("h__" + c.name) for c in table.columns if c.required]
         sql = f"SELECT {', '.join(l0)} FROM src"
-        if l0_outer:
-            sql = f"SELECT *, {', '.join(l0_outer)} FROM ({sql})"
         if l0_vals:
             sql = f"SELECT *, {l0_vals} FROM ({sql})"
         sql = f"SELECT {', '.join(l1)} FROM ({sql})"
