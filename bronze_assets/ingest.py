@@ -381,7 +381,7 @@ def ingest_file(
                     src_filename=source.src_path,
                     reason="UNREADABLE_FILE",
                     detail=exc.detail,
-                    raw_records=[(0, "")],
+                    raw_records=[(None, "")],
                     ingestion_ts=ingestion_ts,
                 )
             )

@@ -487,7 +487,12 @@ def output_schema(table: Table, *, extra_columns: Sequence[pa.Field] = ()) -> pa
 
 
 def rejects_for_file(
-    *, src_filename: str, reason: str, detail: str, raw_records: Sequence[tuple[int, str]], ingestion_ts: dt.datetime
+    *,
+    src_filename: str,
+    reason: str,
+    detail: str,
+    raw_records: Sequence[tuple[int | None, str]],
+    ingestion_ts: dt.datetime,
 ) -> pa.Table:
     """Reject rows for a whole-file outcome (UNREADABLE_FILE, SCHEMA_MISMATCH)."""
     n = len(raw_records)
