@@ -1,0 +1,153 @@
+"""The readers on their own: record boundaries, numbers and raw text, whatever the chunking."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from bronze_assets.discovery import RawSource, discover, file_format
+from bronze_assets.errors import UnreadableFile
+from bronze_assets.readers import read_csv, read_json_array, read_jsonl
+from schemas.schemas import TABLES
+
+
+def _source(path: Path, fmt: str = "csv", compression: str | None = None) -> RawSource:
+    st = path.stat()
+    return RawSource(path.name, "orders", fmt, path, st.st_size, st.st_mtime_ns, compression)  # type: ignore[arg-type]
+
+
+def _rows(batches: list[pa.RecordBatch]) -> list[dict[str, object]]:
+    return pa.Table.from_batches(batches).to_pylist() if batches else []
+
+
+@pytest.mark.parametrize("chunk_bytes", [7, 16, 64, 1 << 20])
+def test_csv_records_survive_any_chunking(tmp_path: Path, chunk_bytes: int) -> None:
+    text = 'a,b\r\n1,"x\ny"\r\n\r\n2,"he said ""hi"""\n3,plain\n"4","q,c"\n'
+    path = tmp_path / "f.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    reading = read_csv(_source(path), chunk_bytes=chunk_bytes)
+    assert reading.columns == ["a", "b"]
+    rows = _rows(list(reading.batches))
+    assert [r["_row"] for r in rows] == [1, 2, 3, 4]
+    assert [r["a"] for r in rows] == ["1", "2", "3", "4"]
+    assert [r["b"] for r in rows] == ["x\ny", 'he said "hi"', "plain", "q,c"]
+    assert [r["_raw"] for r in rows] == ['1,"x\ny"', '2,"he said ""hi"""', "3,plain", '"4","q,c"']
+    assert all(r["_bad"] is None for r in rows)
+
+
+def test_csv_matches_the_standard_library_on_random_records(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    alphabet = ['a', 'b', ',', '"', '\n', ' ', 'é', '1']
+    records = [[''.join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))) for _ in range(3)] for _ in range(400)]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["a", "b", "c"])
+    writer.writerows(records)
+    path = tmp_path / "r.csv"
+    path.write_text(out.getvalue(), encoding="utf-8")
+    rows = _rows(list(read_csv(_source(path), chunk_bytes=97).batches))
+    # csv.writer quotes every field that needs it, so every record is well formed; an empty field
+    # reads back as null.
+    got = [[r["a"] or "", r["b"] or "", r["c"] or ""] for r in rows]
+    assert [r["_bad"] for r in rows] == [None] * len(rows)
+    assert got == records
+
+
+def test_csv_malformed_records_keep_numbers_and_text(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(b'a,b\n1,2\n3\n4,5,6\n5,ab"c\n6,\xff\n7,"ok"\n8,"open\n9,9\n')
+    rows = _rows(list(read_csv(_source(path), chunk_bytes=5).batches))
+    by_row = {r["_row"]: r for r in rows}
+    assert sorted(by_row) == [1, 2, 3, 4, 5, 6, 7]
+    assert by_row[1]["_bad"] is None and by_row[1]["b"] == "2"
+    assert "expected 2 fields, found 1" in str(by_row[2]["_bad"])
+    assert "found 3" in str(by_row[3]["_bad"])
+    assert "quote" in str(by_row[4]["_bad"])
+    assert "UTF-8" in str(by_row[5]["_bad"]) and by_row[5]["_raw"] == "6,\\xff"
+    assert by_row[6]["_bad"] is None and by_row[6]["b"] == "ok"
+    assert "unclosed quote" in str(by_row[7]["_bad"])
+    assert by_row[7]["_raw"] == '8,"open\n9,9'
+
+
+def test_csv_header_only_and_empty_file(tmp_path: Path) -> None:
+    header_only = tmp_path / "h.csv"
+    header_only.write_text("a,b\n")
+    reading = read_csv(_source(header_only))
+    assert reading.columns == ["a", "b"] and list(reading.batches) == []
+    empty = tmp_path / "e.csv"
+    empty.write_bytes(b"")
+    assert read_csv(_source(empty)).columns == []
+
+
+def test_csv_gzip_and_truncated_gzip(tmp_path: Path) -> None:
+    data = gzip.compress(b"a,b\n" + b"".join(b"%d,x\n" % i for i in range(5000)))
+    good = tmp_path / "g.csv.gz"
+    good.write_bytes(data)
+    rows = _rows(list(read_csv(_source(good, compression="gzip"), chunk_bytes=1000).batches))
+    assert len(rows) == 5000 and rows[-1]["_row"] == 5000 and rows[-1]["a"] == "4999"
+    bad = tmp_path / "t.csv.gz"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnreadableFile):
+        list(read_csv(_source(bad, compression="gzip"), chunk_bytes=1000).batches)
+
+
+def test_jsonl_blank_lines_are_not_records(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b'{"a":1}\n\n   \n{"a":2}\r\n[1]\n{bad\n')
+    rows = _rows(list(read_jsonl(_source(path, "jsonl"), chunk_bytes=4).batches))
+    assert [r["_row"] for r in rows] == [1, 2, 3, 4]
+    assert [r["_raw"] for r in rows] == ['{"a":1}', '{"a":2}', "[1]", "{bad"]
+
+
+def test_json_array_elements_streamed(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text('[ {"a": 1},\n {"a": [1, 2]}, 7, {"b": "x"} ]')
+    rows = _rows(list(read_json_array(_source(path, "json"), chunk_chars=3).batches))
+    assert [r["_raw"] for r in rows] == ['{"a": 1}', '{"a": [1, 2]}', "7", '{"b": "x"}']
+    assert [r["_row"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_json_array_broken_midway_is_one_malformed_tail(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text('[{"a": 1}, {"a": 2, ]')
+    rows = _rows(list(read_json_array(_source(path, "json")).batches))
+    assert rows[0]["_bad"] is None
+    assert rows[1]["_bad"] is not None and rows[1]["_row"] == 2
+    assert len(rows) == 2
+
+
+def test_discovery_rules(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    for rel in [
+        "orders/a.csv",
+        "orders/sub/b.csv.gz",
+        "orders/.hidden.csv",
+        "orders/_notes.csv",
+        "orders/~$lock.xlsx",
+        "orders/c.csv.tmp",
+        "orders/_skip/d.csv",
+        "orders/.git/e.csv",
+        "customers.xlsx",
+        "customers-2024.csv",
+        "inventory.csv",
+        "stores_x.json",
+    ]:
+        p = raw / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    d = discover(raw, TABLES)
+    assert [s.src_path for s in d.sources] == [
+        "customers-2024.csv",
+        "customers.xlsx",
+        "orders/a.csv",
+        "orders/sub/b.csv.gz",
+        "stores_x.json",
+    ]
+    assert d.unmatched == ("inventory.csv",)
+    assert file_format("x.NDJSON.gz") == ("jsonl", "gzip")
