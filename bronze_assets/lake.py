@@ -127,10 +127,10 @@ class PartitionedWriter:
             for values, part in self._split(table):
                 self._append(tuple(values.values()), values, part.select(self.file_schema.names))
         if self._buffered > self.buffer_bytes:
-            for key in sorted(self._open, key=lambda k: -self._open[k].pending_bytes):
+            # Flush every partition, not just the largest: the pending slices share the buffers of
+            # the batches they came from, which stay alive until the last slice is written.
+            for key in list(self._open):
                 self._flush(key)
-                if self._buffered <= self.buffer_bytes // 2:
-                    break
 
     def _split(self, table: pa.Table) -> Iterable[tuple[dict[str, object], pa.Table]]:
         keys = [(c, "ascending") for c in self.partition_by]
