@@ -120,8 +120,13 @@ def ingest_delta_source(
     except Exception as exc:
         return [Outcome(source.src_path, source.table, "failed", error=f"cannot open the Delta source: {exc}")]
     last = manifest.watermarks().get(source.src_path, -1)
+    versions = set(range(last + 1, current + 1))
+    if source.src_path in settings.reprocess:
+        versions |= set(range(current + 1))
+    prefix = source.src_path + "@v"
+    versions |= {int(p[len(prefix) :]) for p in settings.reprocess if p.startswith(prefix) and p[len(prefix) :].isdigit()}
     outcomes: list[Outcome] = []
-    for version in range(last + 1, current + 1):
+    for version in sorted(v for v in versions if v <= current):
         try:
             adds = _commit_adds(root, version)
         except (OSError, ValueError) as exc:
@@ -147,8 +152,9 @@ def ingest_delta_source(
             from bronze_assets.ingest import record_outcome
 
             record_outcome(manifest, version_source, outcome, None, run_id, table, columns)
-            if outcome.status != "failed":
+            if outcome.status != "failed" and version > last:
                 manifest.set_watermark(source.src_path, source.table, version)
+                last = version
         if outcome.status == "failed":
             break  # a failed version blocks the ones after it
     return outcomes

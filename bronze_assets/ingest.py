@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
+import re
 import shutil
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Literal
 
 import pyarrow as pa
 
-from bronze_assets.discovery import RawSource, discover
+from bronze_assets.discovery import Discovery, RawSource, discover
 from bronze_assets.errors import BadArgument, BronzeError, UnreadableFile
 from bronze_assets.lake import TARGET_FILE_BYTES, Lake, PartitionedWriter, RejectsWriter, source_id
 from bronze_assets.manifest import INGESTED, Manifest, ManifestRow, utcnow
@@ -147,22 +148,60 @@ def run(settings: Settings, *, progress: Progress | None = None) -> RunResult:
     if not settings.raw.is_dir():
         raise BadArgument(f"raw folder not found: {settings.raw}", argument="--raw")
     tables = _select_tables(settings.tables)
+    _check_reprocess(settings, tables, discover(settings.raw, TABLES))
     run_id = uuid.uuid4().hex
     with run_lock(settings):
         return _run_locked(settings, tables, run_id, progress)
 
 
+DELTA_VERSION = re.compile(r"^(?P<base>.+)@v(?P<version>[0-9]+)$")
+
+
+def _check_reprocess(settings: Settings, tables: list[Table], discovery: Discovery) -> None:
+    by_path = {s.src_path: s for s in discovery.sources}
+    wanted = {t.name for t in tables}
+    for p in settings.reprocess:
+        m = DELTA_VERSION.match(p)
+        source = by_path.get(p) or (by_path.get(m["base"]) if m else None)
+        if source is None or (m and source.format != "delta" and p not in by_path):
+            raise BadArgument(f"--reprocess: no such source: {p}", argument="--reprocess")
+        if source.table not in wanted:
+            raise BadArgument(f"--reprocess: not in the selected tables: {p}", argument="--reprocess")
+
+
+def _order(source: RawSource) -> tuple[str, bool, str]:
+    # Within a table: files in src_path order, then Delta sources (their versions in order).
+    return (source.table, source.format == "delta", source.src_path)
+
+
+class _State:
+    """The manifest as the run goes: what each source holds now, and who holds which content."""
+
+    def __init__(self, rows: dict[str, ManifestRow]) -> None:
+        self.rows = dict(rows)
+
+    def set(self, row: ManifestRow) -> None:
+        self.rows[row.src_path] = row
+
+    def holder(self, table: str, checksum: str, *, other_than: str) -> str | None:
+        """The first ingested source of ``table`` (by src_path) whose content is ``checksum``."""
+        found = [
+            r.src_path
+            for r in self.rows.values()
+            if r.table_name == table and r.file_checksum == checksum and r.status in INGESTED and r.src_path != other_than
+        ]
+        return min(found) if found else None
+
+    def still_duplicate(self, row: ManifestRow) -> bool:
+        original = self.rows.get(row.duplicate_of or "")
+        return original is not None and original.status in INGESTED and original.file_checksum == row.file_checksum
+
+
 def _run_locked(settings: Settings, tables: list[Table], run_id: str, progress: Progress | None) -> RunResult:
     discovery = discover(settings.raw, TABLES, min_file_age=settings.min_file_age)
-    known = {s.src_path for s in discovery.sources}
-    unknown = [p for p in settings.reprocess if p not in known]
-    if unknown:
-        raise BadArgument(f"--reprocess: no such source: {', '.join(unknown)}", argument="--reprocess")
+    _check_reprocess(settings, tables, discovery)
     wanted = {t.name for t in tables}
-    outside = [p for p in settings.reprocess if p.split("/")[0] not in wanted and not _root_file_in(p, wanted)]
-    if outside:
-        raise BadArgument(f"--reprocess: not in the selected tables: {', '.join(outside)}", argument="--reprocess")
-    sources = [s for s in discovery.sources if s.table in wanted]
+    sources = sorted((s for s in discovery.sources if s.table in wanted), key=_order)
 
     manifest = Manifest(settings.manifest, read_only=settings.dry_run)
     lake = Lake(settings.lake)
@@ -172,64 +211,83 @@ def _run_locked(settings: Settings, tables: list[Table], run_id: str, progress: 
             lake.reconcile(t.name)
 
     previous = manifest.rows()
-    checksums_seen: dict[tuple[str, str], str] = {
-        (r.table_name, r.file_checksum): r.src_path
-        for r in previous.values()
-        if r.status in INGESTED and r.file_checksum
-    }
+    state = _State(previous)
     outcomes: list[Outcome] = []
-    unchanged: Counter[str] = Counter()
+    unchanged: dict[str, str] = {}
     reprocess = set(settings.reprocess)
     say = progress or (lambda _msg: None)
 
-    for source in sources:
+    def process(source: RawSource) -> None:
         table = TABLES_BY_NAME[source.table]
+        path = source.src_path
         if source.format == "delta":
             from bronze_assets.delta_sources import ingest_delta_source
 
-            outcomes += ingest_delta_source(
-                source, table, lake=lake, manifest=manifest, settings=settings, run_id=run_id, progress=say
+            outcomes.extend(
+                ingest_delta_source(
+                    source, table, lake=lake, manifest=manifest, settings=settings, run_id=run_id, progress=say
+                )
             )
-            continue
-        prev = previous.get(source.src_path)
-        forced = source.src_path in reprocess
+            return
+        prev = state.rows.get(path)
+        forced = path in reprocess
         same_stat = prev is not None and (prev.file_size_bytes, prev.file_mtime_ns) == (source.size, source.mtime_ns)
         if (
             prev
             and not forced
             and same_stat
-            and (prev.status in INGESTED or (prev.status == "duplicate" and _still_duplicate(prev, previous)))
+            and (prev.status in INGESTED or (prev.status == "duplicate" and state.still_duplicate(prev)))
         ):
-            unchanged[source.table] += 1
-            continue
+            unchanged[path] = source.table
+            return
         checksum = sha256_file(source.path)
         if prev and not forced and prev.file_checksum == checksum and prev.status in INGESTED:
-            manifest.touch(source.src_path, mtime_ns=source.mtime_ns)
-            unchanged[source.table] += 1
-            continue
-        original = checksums_seen.get((source.table, checksum))
-        if original is not None and original != source.src_path:
-            if prev and prev.status == "duplicate" and prev.file_checksum == checksum and not forced:
-                unchanged[source.table] += 1
-                continue
-            outcome = Outcome(source.src_path, source.table, "duplicate", duplicate_of=original)
+            manifest.touch(path, mtime_ns=source.mtime_ns)
+            unchanged[path] = source.table
+            return
+        original = state.holder(source.table, checksum, other_than=path)
+        if original is not None:
+            if prev and prev.status == "duplicate" and prev.file_checksum == checksum and prev.duplicate_of == original:
+                unchanged[path] = source.table
+                return
+            outcome = Outcome(path, source.table, "duplicate", duplicate_of=original)
+            row = _manifest_row(source, outcome, checksum, run_id)
             if not settings.dry_run:
                 if prev and prev.status in INGESTED:  # it held other content before: withdraw those rows
-                    _withdraw(lake, table, source.src_path, run_id)
-                manifest.record(_manifest_row(source, outcome, checksum, run_id))
+                    _withdraw(lake, table, path, run_id)
+                manifest.record(row)
+            state.set(row)
             outcomes.append(outcome)
-            say(f"{source.src_path}: duplicate of {original}")
-            continue
-        outcome, columns = ingest_file(
-            source, table, lake=lake, settings=settings, run_id=run_id, progress=say
-        )
+            say(f"{path}: duplicate of {original}")
+            return
+        unchanged.pop(path, None)
+        outcome, columns = ingest_file(source, table, lake=lake, settings=settings, run_id=run_id, progress=say)
         outcomes.append(outcome)
-        if outcome.status in INGESTED:
-            checksums_seen[(source.table, checksum)] = source.src_path
+        state.set(_manifest_row(source, outcome, checksum, run_id))
         if not settings.dry_run:
             record_outcome(manifest, source, outcome, checksum, run_id, table, columns)
+
+    for source in sources:
+        process(source)
+    # A copy recorded as a duplicate loads when its original no longer holds the same content
+    # (the original changed in this run, even if it sorts after the copy).
+    for source in sources:
+        row = state.rows.get(source.src_path)
+        if source.format != "delta" and row is not None and row.status == "duplicate" and not state.still_duplicate(row):
+            unchanged.pop(source.src_path, None)
+            process(source)
+    if not settings.dry_run:
+        lake.remove_empty_staging()
     totals = _totals(manifest.rows() if not settings.dry_run else previous, outcomes, settings.dry_run, wanted)
-    return RunResult(run_id, settings.dry_run, outcomes, unchanged, discovery.unmatched, discovery.too_new, totals)
+    return RunResult(
+        run_id,
+        settings.dry_run,
+        outcomes,
+        Counter(unchanged.values()),
+        discovery.unmatched,
+        discovery.too_new,
+        totals,
+    )
 
 
 def _totals(
@@ -270,15 +328,6 @@ def record_outcome(
     manifest.record(_manifest_row(source, outcome, checksum, run_id), schema_rows=schema_rows)
 
 
-def _root_file_in(src_path: str, tables: set[str]) -> bool:
-    return "/" not in src_path and any(src_path.startswith(t) for t in tables)
-
-
-def _still_duplicate(prev: ManifestRow, rows: dict[str, ManifestRow]) -> bool:
-    original = rows.get(prev.duplicate_of or "")
-    return original is not None and original.status in INGESTED and original.file_checksum == prev.file_checksum
-
-
 def _change(before: list[str] | None, after: list[str]) -> str | None:
     if before is None:
         return "initial"
@@ -314,7 +363,7 @@ def _manifest_row(source: RawSource, outcome: Outcome, checksum: str | None, run
     )
 
 
-def _withdraw(lake: Lake, table: Table, src_path: str, run_id: str) -> None:
+def _withdraw(lake: Lake, table: Table, src_path: str, run_id: str, *, keep_rejects: bool = False) -> None:
     dt_ = lake.delta_table(table.name)
     if dt_ is not None:
         schema = output_schema(table)
@@ -327,7 +376,8 @@ def _withdraw(lake: Lake, table: Table, src_path: str, run_id: str) -> None:
             files=[],
             run_id=run_id,
         )
-    lake.rejects_file(table.name, src_path).unlink(missing_ok=True)
+    if not keep_rejects:
+        lake.rejects_file(table.name, src_path).unlink(missing_ok=True)
 
 
 class _Counting:
@@ -400,6 +450,9 @@ def ingest_file(
         try:
             files = writer.close() if isinstance(writer, PartitionedWriter) else []
             rejects.close()
+            if outcome.status == "failed" and lake.delta_table(table.name) is not None:
+                # Strict mode loads nothing of the new content, and the old content is gone.
+                _withdraw(lake, table, source.src_path, run_id, keep_rejects=True)
             if outcome.status != "failed":
                 schema = writer.schema if isinstance(writer, PartitionedWriter) else output_schema(table)
                 outcome.delta_version = lake.publish(

@@ -14,6 +14,7 @@ a source's files are found again in the Delta log when it is replaced.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -309,6 +310,10 @@ class Lake:
     def clear_staging(self) -> None:
         shutil.rmtree(self.staging_root, ignore_errors=True)
 
+    def remove_empty_staging(self) -> None:
+        with contextlib.suppress(OSError):
+            self.staging_root.rmdir()
+
     def delta_table(self, table: str) -> DeltaTable | None:
         path = self.delta_dir(table)
         if not (path / "_delta_log").is_dir():
@@ -321,6 +326,7 @@ class Lake:
             return existing
         path = self.delta_dir(table)
         path.mkdir(parents=True, exist_ok=True)
+        self.parquet_dir(table).mkdir(parents=True, exist_ok=True)
         return DeltaTable.create(str(path), schema, mode="ignore", partition_by=list(partition_by) or None)
 
     def source_files(self, dt_: DeltaTable, src_path: str) -> list[tuple[str, int, dict[str, str | None]]]:

@@ -1,0 +1,395 @@
+"""The bronze outputs: types, audit columns, hive layout, Parquet = Delta, readers (CONTRACT 6 and 11)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable
+
+from bronze_assets_tests.conftest import (
+    CUSTOMER_HEADER,
+    ORDER_COLUMNS,
+    LakeRun,
+    RawFiles,
+    csv_text,
+    customer_row,
+    event,
+    jsonl_text,
+    order,
+    orders_csv,
+    product,
+    products_csv,
+    sensor,
+    sensors_parquet,
+    shared_lake,
+    store,
+    xlsx_bytes,
+)
+from schemas.schemas import TABLES, TABLES_BY_NAME, Table
+
+UTC = dt.UTC
+TABLE_NAMES = [t.name for t in TABLES]
+AUDIT = {
+    "ingestion_ts": pa.timestamp("us", tz="UTC"),
+    "src_filename": pa.string(),
+    "src_row_number": pa.int64(),
+    "src_row_hash": pa.string(),
+}
+RETURNS_COLUMNS = (
+    "return_id", "order_id", "product_id", "return_ts", "quantity", "reason", "refund_amount", "status", "updated_at", "op",
+)  # fmt: skip
+
+FILES = RawFiles()
+ORDERS = FILES.add(
+    "orders/orders_2024-01-02.csv",
+    orders_csv(
+        order(order_id=1),
+        order(order_id=2, order_ts="2024-01-02T23:30:00-05:00"),
+        order(order_id=3, order_dt="2024-01-03", order_ts="2024-01-03T08:00:00+01:00"),
+        order(order_id=4, quantity="0"),  # rejected
+        order(order_id=5, order_dt="2023-12-31"),
+    ),
+)
+EVENTS = FILES.add(
+    "events/events.jsonl",
+    jsonl_text(
+        [
+            event(event_id="a", event_ts="2024-01-02T10:00:00Z"),
+            event(event_id="b", event_ts="2024-01-02T23:30:00-05:00"),  # 2024-01-03 in UTC
+            event(event_id="c", event_ts="2024-01-03T00:30:00+02:00"),  # 2024-01-02 in UTC
+            event(event_id="d", event_ts="2024-01-02T12:00:00", properties={"k": [1, {"z": None}]}),
+        ]
+    ),
+)
+SENSORS = FILES.add(
+    "sensors/sensors.parquet",
+    sensors_parquet(
+        [
+            sensor(store_id=1, sensor_id="a", reading_ts=dt.datetime(2024, 1, 15, tzinfo=UTC)),
+            sensor(store_id=1, sensor_id="b", reading_ts=dt.datetime(2024, 1, 31, 23, 30, tzinfo=dt.timezone(dt.timedelta(hours=-2)))),
+            sensor(store_id=2, sensor_id="c", reading_ts=dt.datetime(2024, 1, 31, 23, 30, tzinfo=UTC)),
+            sensor(store_id=2, sensor_id="d", reading_ts=dt.datetime(2024, 2, 1, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=1)))),
+        ]
+    ),
+)
+STORES = FILES.add("stores/stores.json", json.dumps([store(store_id=1), store(store_id=2, city=None, note="x")]))
+CUSTOMERS = FILES.add(
+    "customers.xlsx", xlsx_bytes([CUSTOMER_HEADER, customer_row(customer_id=1), customer_row(customer_id=2, email=None)])
+)
+PRODUCTS = FILES.add(
+    "products/products.csv", products_csv(product(product_id=1), product(product_id=2, updated_at="2024-01-01T00:00:00+05:30"))
+)
+RETURNS = FILES.add(
+    "returns/returns_2024-01.csv",
+    csv_text(
+        RETURNS_COLUMNS,
+        [
+            [1, 10, 100, "2024-01-05T10:00:00Z", 1, "broken", "9.99", "OPEN", "2024-01-05T10:00:00+01:00", "I"],
+            [2, 11, 101, "2024-01-06T10:00:00Z", 2, None, None, "OPEN", "2024-01-06T10:00:00Z", "D"],
+        ],
+    ),
+)
+# Hashes: the same raw record in two files, and records that differ by one character.
+SAME_A = ",".join(str(v) for v in order(order_id=70).values())
+HASH_1 = FILES.add("orders/hash_1.csv", "\n".join([",".join(ORDER_COLUMNS), SAME_A, SAME_A.replace("card", "cash")]) + "\n")
+HASH_2 = FILES.add("orders/hash_2.csv", "\n".join([",".join(ORDER_COLUMNS), SAME_A, SAME_A.replace("card", "card ")]) + "\n")
+SOURCES_BY_TABLE = Counter(
+    p.split("/")[0] if "/" in p else next(t for t in TABLE_NAMES if p.startswith(t)) for p in FILES
+)
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory) -> LakeRun:
+    return shared_lake(tmp_path_factory, "outputs", FILES)
+
+
+def expected_schema(table: Table) -> dict[str, pa.DataType]:
+    """Every column of the bronze table and its type, as the contract declares them."""
+    fields = {c.name: c.type for c in table.columns}
+    fields |= {d.name: (pa.date32() if d.kind == "utc_date" else pa.string()) for d in table.derived}
+    if table.new_columns == "rescue":
+        fields["_rescued_data"] = pa.string()
+    fields |= AUDIT
+    if table.op_column:
+        fields |= {"is_deleted": pa.bool_(), "deleted_at": pa.timestamp("us", tz="UTC")}
+    return fields
+
+
+def data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and "_delta_log" not in p.parts)
+
+
+def test_the_shared_lake_loaded_every_source(lake):
+    assert sorted(lake.outcomes) == sorted(FILES)
+    assert {o.status for o in lake.result.outcomes} == {"success"}
+    assert set(SOURCES_BY_TABLE) == set(TABLE_NAMES)
+
+
+# ------------------------------------------------------------------------------------------
+# Types
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_delta_has_exactly_the_declared_columns_and_types(lake, name):
+    expected = expected_schema(TABLES_BY_NAME[name])
+    schema = pa.schema(DeltaTable(str(lake.delta_dir(name))).schema().to_arrow())  # type: ignore[arg-type]
+    assert {f.name: f.type for f in schema} == expected
+    data = lake.delta(name)
+    assert {f.name: f.type for f in data.schema} == expected
+    for f in data.schema:
+        if pa.types.is_timestamp(f.type):
+            assert (f.type.unit, f.type.tz) == ("us", "UTC"), f.name
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_parquet_files_hold_the_declared_types_without_partition_columns(lake, name):
+    table = TABLES_BY_NAME[name]
+    expected = expected_schema(table)
+    files = data_files(lake.parquet_dir(name))
+    assert files
+    for path in files:
+        schema = pq.ParquetFile(path).schema_arrow
+        # Partition columns live only in the folder names.
+        assert {f.name: f.type for f in schema} == {k: v for k, v in expected.items() if k not in table.partition_by}
+        for f in schema:
+            if pa.types.is_timestamp(f.type):
+                assert (f.type.unit, f.type.tz) == ("us", "UTC"), f.name
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_delta_data_files_do_not_store_partition_columns(lake, name):
+    table = TABLES_BY_NAME[name]
+    for path in data_files(lake.delta_dir(name)):
+        assert not set(table.partition_by) & set(pq.ParquetFile(path).schema_arrow.names), path
+
+
+def test_values_with_offsets_are_stored_in_utc(lake):
+    orders = {r["order_id"]: r for r in lake.rows("orders", ORDERS)}
+    assert orders[2]["order_ts"] == dt.datetime(2024, 1, 3, 4, 30, tzinfo=UTC)
+    assert orders[3]["order_ts"] == dt.datetime(2024, 1, 3, 7, tzinfo=UTC)
+    products = {r["product_id"]: r for r in lake.rows("products", PRODUCTS)}
+    assert products[2]["updated_at"] == dt.datetime(2023, 12, 31, 18, 30, tzinfo=UTC)
+    returns = {r["return_id"]: r for r in lake.rows("returns", RETURNS)}
+    assert returns[1]["updated_at"] == dt.datetime(2024, 1, 5, 9, tzinfo=UTC)
+    assert (returns[2]["is_deleted"], returns[2]["deleted_at"]) == (True, dt.datetime(2024, 1, 6, 10, tzinfo=UTC))
+
+
+# ------------------------------------------------------------------------------------------
+# Audit columns
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_audit_columns_are_complete(lake, name):
+    rows = lake.rows(name)
+    assert rows
+    for row in rows:
+        for column in AUDIT:
+            assert row[column] is not None, (column, row)
+        assert re.fullmatch(r"[0-9a-f]{16,}", row["src_row_hash"]), row["src_row_hash"]
+        assert row["src_filename"] in FILES  # relative to the raw root, '/'-separated
+        assert row["ingestion_ts"].utcoffset() == dt.timedelta(0)
+    per_source: dict[str, set[dt.datetime]] = {}
+    for row in rows:
+        per_source.setdefault(row["src_filename"], set()).add(row["ingestion_ts"])
+    assert all(len(v) == 1 for v in per_source.values()), per_source  # one value per ingestion
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_row_numbers_of_rows_and_rejects_cover_every_record(lake, name):
+    for src, o in lake.outcomes.items():
+        if o.table != name:
+            continue
+        written = [r["src_row_number"] for r in lake.rows(name, src)]
+        rejected = [r["src_row_number"] for r in lake.rejects(name, src)]
+        assert sorted(written + rejected) == list(range(1, o.rows + o.reject_count + 1)), src
+
+
+def test_ingestion_ts_of_rejects_matches_the_rows(lake):
+    [reject] = lake.rejects("orders", ORDERS)
+    [ts] = {r["ingestion_ts"] for r in lake.rows("orders", ORDERS)}
+    assert dt.datetime.fromisoformat(reject["ingestion_ts"].replace("Z", "+00:00")) == ts
+
+
+def test_src_row_hash_depends_only_on_the_raw_record(lake):
+    h1 = {r["src_row_number"]: r["src_row_hash"] for r in lake.rows("orders", HASH_1)}
+    h2 = {r["src_row_number"]: r["src_row_hash"] for r in lake.rows("orders", HASH_2)}
+    assert h1[1] == h2[1]  # the same raw record in two files
+    assert len({h1[1], h1[2], h2[2]}) == 3  # differ by one character
+    every = [r["src_row_hash"] for t in TABLE_NAMES for r in lake.rows(t) if r["src_filename"] != HASH_2]
+    assert len(every) == len(set(every))
+
+
+# ------------------------------------------------------------------------------------------
+# Parquet and Delta hold the same rows
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_parquet_and_delta_hold_the_same_rows(lake, name):
+    parquet, delta = lake.parquet(name), lake.delta(name)
+    assert parquet.num_rows == delta.num_rows > 0
+    assert sorted(parquet.column_names) == sorted(delta.column_names)
+    assert parquet.select(delta.column_names).equals(delta)
+
+
+# ------------------------------------------------------------------------------------------
+# Hive layout
+# ------------------------------------------------------------------------------------------
+
+
+def partition_dirs(folder: Path) -> set[str]:
+    return {p.parent.relative_to(folder).as_posix() for p in data_files(folder)}
+
+
+@pytest.mark.parametrize("output", ["parquet", "delta"])
+def test_hive_partition_folders(lake, output):
+    folder = lake.parquet_dir if output == "parquet" else lake.delta_dir
+    assert partition_dirs(folder("orders")) == {"order_dt=2023-12-31", "order_dt=2024-01-02", "order_dt=2024-01-03"}
+    assert partition_dirs(folder("events")) == {"event_dt=2024-01-02", "event_dt=2024-01-03"}
+    assert partition_dirs(folder("sensors")) == {
+        "store_id=1/reading_month=2024-01",
+        "store_id=1/reading_month=2024-02",
+        "store_id=2/reading_month=2024-01",
+    }
+    for name in ("customers", "products", "stores", "returns"):
+        assert partition_dirs(folder(name)) == {"."}, name
+
+
+def test_rows_are_in_the_folder_of_their_partition_values(lake):
+    events = {r["event_id"]: r["event_dt"] for r in lake.rows("events")}
+    assert events == {
+        "a": dt.date(2024, 1, 2),
+        "b": dt.date(2024, 1, 3),
+        "c": dt.date(2024, 1, 2),
+        "d": dt.date(2024, 1, 2),
+    }
+    sensors = {r["sensor_id"]: (r["store_id"], r["reading_month"]) for r in lake.rows("sensors")}
+    assert sensors == {"a": (1, "2024-01"), "b": (1, "2024-02"), "c": (2, "2024-01"), "d": (2, "2024-01")}
+    # Each folder holds only rows with its values.
+    for path in data_files(lake.parquet_dir("events")):
+        day = dt.date.fromisoformat(path.parent.name.removeprefix("event_dt="))
+        ids = pq.read_table(path, partitioning=None).column("event_id").to_pylist()
+        assert all(events[i] == day for i in ids)
+
+
+# ------------------------------------------------------------------------------------------
+# No stray files; any reader reads them
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_no_stray_files_in_the_parquet_dataset(lake, name):
+    folder = lake.parquet_dir(name)
+    for path in folder.rglob("*"):
+        assert not path.name.startswith((".", "_")), path
+        assert path.is_dir() or path.suffix == ".parquet", path
+    with duckdb.connect() as con:
+        [(count,)] = con.execute(
+            "SELECT count(*) FROM read_parquet(?, hive_partitioning = true)", [f"{folder}/**/*.parquet"]
+        ).fetchall()
+    assert count == len(lake.rows(name))
+
+
+def test_rejects_folder_holds_one_csv_per_source(lake):
+    root = lake.lake / "_rejects"
+    csvs = [p for p in root.rglob("*") if p.is_file()]
+    assert all(p.suffix == ".csv" for p in csvs), csvs
+    assert Counter(p.parent.name for p in csvs) == SOURCES_BY_TABLE
+    for path in csvs:
+        with open(path, encoding="utf-8") as fh:
+            header = fh.readline()
+        assert [h.strip('"') for h in header.strip().split(",")][:6] == [
+            "src_filename",
+            "src_row_number",
+            "reason_code",
+            "reason_detail",
+            "raw_record",
+            "ingestion_ts",
+        ]
+
+
+@pytest.mark.parametrize("name", TABLE_NAMES)
+def test_duckdb_reads_the_parquet_dataset_with_hive_partitioning(lake, name):
+    folder = lake.parquet_dir(name)
+    with duckdb.connect() as con:
+        con.execute("SET TimeZone = 'UTC'")
+        got = con.sql(
+            "SELECT * FROM read_parquet($glob, hive_partitioning = true) ORDER BY src_filename, src_row_number",
+            params={"glob": f"{folder}/**/*.parquet"},
+        ).to_arrow_table()
+    expected = lake.delta(name)
+    assert sorted(got.column_names) == sorted(expected.column_names)  # partition columns once
+    assert got.num_rows == expected.num_rows
+    for column in ("src_filename", "src_row_number", "src_row_hash", *TABLES_BY_NAME[name].required):
+        assert got.column(column).to_pylist() == expected.column(column).to_pylist(), column
+    for column in TABLES_BY_NAME[name].partition_by:
+        assert [str(v) for v in got.column(column).to_pylist()] == [str(v) for v in expected.column(column).to_pylist()]
+
+
+def test_duckdb_delta_extension_reads_the_delta_tables(lake):
+    with duckdb.connect(config={"autoinstall_known_extensions": False}) as con:
+        installed = con.execute(
+            "SELECT installed FROM duckdb_extensions() WHERE extension_name = 'delta'"
+        ).fetchall()
+        if not installed or not installed[0][0]:
+            pytest.skip("the DuckDB delta extension is not installed (INSTALL needs the network)")
+        con.execute("LOAD delta")
+        for name in TABLE_NAMES:
+            [(count,)] = con.execute("SELECT count(*) FROM delta_scan(?)", [str(lake.delta_dir(name))]).fetchall()
+            assert count == lake.delta(name).num_rows, name
+
+
+# ------------------------------------------------------------------------------------------
+# Awkward source file names
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "src_path",
+    ["orders/o'brien 2024 ü.csv", "orders/ça va; \"quoted\" %20 #1 = x'--.csv", "orders_d'été 2024.csv"],
+)
+def test_awkward_file_name_loads_reruns_and_replaces(lake_run, src_path):
+    first = orders_csv(order(order_id=1), order(order_id=2, quantity="0"), order(order_id=3, order_dt="2024-01-03"))
+    lr = lake_run({src_path: first})
+
+    o = lr.outcome(src_path)
+    assert (o.status, o.rows, o.reject_count) == ("success", 2, 1)
+    assert [(r["src_filename"], r["order_id"]) for r in lr.rows("orders")] == [(src_path, 1), (src_path, 3)]
+    assert [(r["src_filename"], r["src_row_number"]) for r in lr.rejects("orders")] == [(src_path, 2)]
+    assert list(lr.manifest_rows()) == [src_path]
+    version = DeltaTable(str(lr.delta_dir("orders"))).version()
+    before = (lr.rows("orders"), lr.rejects("orders"), data_files(lr.parquet_dir("orders")))
+
+    # Re-running with nothing new is a no-op.
+    lr.run()
+    assert lr.result.outcomes == []
+    assert lr.result.exit_code == 0
+    assert DeltaTable(str(lr.delta_dir("orders"))).version() == version
+    assert (lr.rows("orders"), lr.rejects("orders"), data_files(lr.parquet_dir("orders"))) == before
+
+    # New content under the same name replaces that source's rows and rejects.
+    lr.run({src_path: orders_csv(order(order_id=7), order(order_id=8, status="paid"))})
+    assert (lr.outcome(src_path).rows, lr.outcome(src_path).reject_count) == (1, 1)
+    rows = lr.rows("orders")
+    assert [(r["src_filename"], r["order_id"]) for r in rows] == [(src_path, 7)]
+    assert rows[0]["ingestion_ts"] > before[0][0]["ingestion_ts"]
+    assert [(r["src_row_number"], r["reason_code"]) for r in lr.rejects("orders")] == [(2, "CONSTRAINT_VIOLATION")]
+    assert len(list((lr.lake / "_rejects" / "orders").glob("*.csv"))) == 1
+    assert partition_dirs(lr.parquet_dir("orders")) == {"order_dt=2024-01-02"}
+    with duckdb.connect() as con:
+        [(count,)] = con.execute(
+            "SELECT count(*) FROM read_parquet(?, hive_partitioning = true)", [f"{lr.parquet_dir('orders')}/**/*.parquet"]
+        ).fetchall()
+    assert count == 1
+    assert os.listdir(lr.raw) == [src_path.split("/")[0]]  # the raw file is never moved
