@@ -26,7 +26,7 @@ from deltalake import DeltaTable
 
 from bronze_assets.discovery import RawSource
 from bronze_assets.errors import UnreadableFile
-from bronze_assets.readers import Reading
+from bronze_assets.readers import Reading, normalize_native
 from schemas.schemas import Table
 
 if TYPE_CHECKING:
@@ -40,10 +40,7 @@ BATCH_ROWS = 131_072
 
 def _plain(batch: pa.RecordBatch) -> pa.RecordBatch:
     """delta-rs hands out string_view columns; the rest of the pipeline speaks plain strings."""
-    fields = [
-        pa.field(f.name, pa.string()) if pa.types.is_string_view(f.type) else f for f in batch.schema
-    ]
-    return batch.cast(pa.schema(fields)) if fields != list(batch.schema) else batch
+    return normalize_native(batch)
 
 
 def _with_bookkeeping(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

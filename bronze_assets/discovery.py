@@ -113,10 +113,10 @@ def discover(
         if is_ignored(entry.name):
             continue
         if entry.is_dir(follow_symlinks=False):
-            table = by_name.get(entry.name)
-            if table is None:
-                continue
-            _walk_table_dir(Path(entry.path), root, table, sources, consider, min_file_age, now, too_new)
+            # A folder that is no table is walked too: its files are reported as unmatched.
+            _walk_table_dir(
+                Path(entry.path), root, by_name.get(entry.name), sources, consider, min_file_age, now, too_new
+            )
         elif entry.is_file():
             consider(Path(entry.path), entry.name, table_for_root_file(entry.name, tables))
     sources.sort(key=lambda s: s.src_path)
@@ -126,7 +126,7 @@ def discover(
 def _walk_table_dir(
     directory: Path,
     root: Path,
-    table: Table,
+    table: Table | None,
     sources: list[RawSource],
     consider: Callable[[Path, str, Table | None], None],
     min_file_age: float,
@@ -140,7 +140,7 @@ def _walk_table_dir(
             if is_ignored(d):
                 continue
             sub = here / d
-            if (sub / "_delta_log").is_dir():
+            if table is not None and (sub / "_delta_log").is_dir():
                 rel = sub.relative_to(root).as_posix()
                 newest = _delta_log_mtime(sub)
                 if min_file_age and now - newest / 1e9 < min_file_age:

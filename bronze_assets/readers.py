@@ -18,6 +18,7 @@ import datetime as dt
 import gzip
 import io
 import json
+import re
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +35,7 @@ from bronze_assets.discovery import Format, RawSource
 from bronze_assets.errors import UnreadableFile
 
 RawKind = Literal["text", "json", "row"]
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 CHUNK_BYTES = 16 << 20
 MAX_RECORD_BYTES = 512 << 20
@@ -454,7 +456,9 @@ def read_json_array(source: RawSource, *, chunk_chars: int = 1 << 20) -> Reading
     """A JSON array of objects (or a single object). Elements are found with the standard
     library's incremental decoder, so memory holds one element, not the file."""
     fh = _open_binary(source)
-    text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="backslashreplace")
+    # Undecodable bytes become lone surrogates, which the JSON decoder carries through, so that
+    # only the element holding them is rejected.
+    text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape")
     decoder = json.JSONDecoder()
 
     def batches() -> Iterator[pa.RecordBatch]:
@@ -519,7 +523,8 @@ def read_json_array(source: RawSource, *, chunk_chars: int = 1 << 20) -> Reading
                     except json.JSONDecodeError as exc:
                         if eof or not more():
                             row += 1
-                            raws.append(buf[start:][: 1 << 20])
+                            tail = buf[start:][: 1 << 20]
+                            raws.append(tail.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
                             bads.append(f"invalid JSON: {exc.msg}")
                             end = -1
                             break
@@ -527,8 +532,13 @@ def read_json_array(source: RawSource, *, chunk_chars: int = 1 << 20) -> Reading
                 if end < 0:
                     break
                 row += 1
-                raws.append(buf[start:end])
-                bads.append(None)
+                element = buf[start:end]
+                if _SURROGATE.search(element):
+                    raws.append(element.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+                    bads.append("bytes that are not valid UTF-8")
+                else:
+                    raws.append(element)
+                    bads.append(None)
                 pos = end
                 if len(raws) >= JSON_BATCH_RECORDS:
                     yield flush()
@@ -550,6 +560,31 @@ def read_json_array(source: RawSource, *, chunk_chars: int = 1 << 20) -> Reading
 # --------------------------------------------------------------------------------------------
 
 
+def normalize_schema(schema: pa.Schema) -> pa.Schema:
+    fields = []
+    for f in schema:
+        t = f.type
+        if pa.types.is_timestamp(t) and t.unit == "ns":
+            t = pa.timestamp("us", tz=t.tz)
+        elif pa.types.is_string_view(t) or pa.types.is_large_string(t):
+            t = pa.string()
+        fields.append(f.with_type(t))
+    return pa.schema(fields)
+
+
+def normalize_native(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Typed columns as validation wants them: timestamps finer than microseconds truncated (a
+    cast in DuckDB would round), string views and large strings as plain strings."""
+    schema = normalize_schema(batch.schema)
+    if schema.equals(batch.schema):
+        return batch
+    columns = [
+        pc.cast(c, f.type, safe=False) if not c.type.equals(f.type) else c
+        for c, f in zip(batch.columns, schema, strict=True)
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
 def read_parquet(source: RawSource, *, batch_rows: int = 131_072) -> Reading:
     try:
         pf = pq.ParquetFile(source.path)
@@ -561,6 +596,7 @@ def read_parquet(source: RawSource, *, batch_rows: int = 131_072) -> Reading:
         row = 1
         try:
             for batch in pf.iter_batches(batch_size=batch_rows):
+                batch = normalize_native(batch)
                 n = batch.num_rows
                 arrays = _bookkeeping(
                     np.arange(row, row + n, dtype=np.int64), pa.nulls(n, pa.string()), pa.nulls(n, pa.string())
@@ -572,7 +608,7 @@ def read_parquet(source: RawSource, *, batch_rows: int = 131_072) -> Reading:
         finally:
             pf.close()
 
-    return Reading(list(schema.names), guarded(source, batches()), "row", schema)
+    return Reading(list(schema.names), guarded(source, batches()), "row", normalize_schema(schema))
 
 
 # --------------------------------------------------------------------------------------------

@@ -201,6 +201,7 @@ class Validator:
         names = [n for n in source_schema.names if n not in BOOKKEEPING]
         declared = set(table.column_names)
         self.extras = [n for n in names if n not in declared]
+        self._json_rescue = ""
         self.sql = self._build(source_schema, names)
         self._con = duckdb.connect(config={"threads": 2})
         self._con.execute("SET TimeZone = 'UTC'")
@@ -306,7 +307,8 @@ class Validator:
             outer += [ident("h__" + c.name) for c in table.columns if c.required]
         sql = f"SELECT {', '.join(l0)} FROM src"
         if l0_vals:
-            sql = f"SELECT *, {l0_vals} FROM ({sql})"
+            rk = f", {self._json_rescue}" if self._json_rescue else ""
+            sql = f"SELECT *, {l0_vals}{rk} FROM ({sql})"
         sql = f"SELECT {', '.join(l1)} FROM ({sql})"
         sql = f"SELECT {', '.join(l2)} FROM ({sql})"
         sql = f"SELECT {', '.join(l3)} FROM ({sql})"
@@ -335,9 +337,13 @@ class Validator:
         if self.table.new_columns != "rescue":
             return "NULL::VARCHAR"
         if json_mode:
-            drop = "{" + ",".join(f'"{c}":null' for c in self.table.column_names) + "}"
-            p = f"json_merge_patch(_j, {lit(drop)})"
-            return f"CASE WHEN _ok THEN NULLIF(json_merge_patch({p}, {p})::VARCHAR, '{{}}') END"
+            declared = ", ".join(lit(c) for c in self.table.column_names)
+            kept = (
+                "list_filter(map_entries(json_transform(_j, '\"MAP(VARCHAR, JSON)\"')), "
+                f"lambda e: e.key NOT IN ({declared}) AND e.value::VARCHAR NOT IN ('null', '\"\"'))"
+            )
+            self._json_rescue = f"CASE WHEN _ok THEN {kept} END AS _rk"
+            return "CASE WHEN len(_rk) > 0 THEN to_json(map_from_entries(_rk))::VARCHAR END"
         if not self.extras:
             return "NULL::VARCHAR"
         pairs = []

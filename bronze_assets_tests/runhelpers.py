@@ -203,7 +203,8 @@ def snapshot(root: Path, *, folders: bool = False) -> dict[str, tuple[int, int]]
 
 
 def pairs(table: pa.Table) -> list[tuple[str, int]]:
-    """(src_filename, src_row_number) of every row."""
+    if "src_filename" not in table.column_names:  # a table folder with no data file yet
+        return []
     return list(zip(table.column("src_filename").to_pylist(), table.column("src_row_number").to_pylist(), strict=True))
 
 

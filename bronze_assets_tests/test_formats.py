@@ -117,14 +117,18 @@ SCHEMA_MISMATCH = [
     (
         FILES.add(
             "orders/no_customer.csv",
-            "\n".join([",".join(_no_customer_cols), *(line(order_id=i).replace(",10,", ",", 1) for i in (1, 2)), "3,3,4"])
+            "\n".join(
+                [",".join(_no_customer_cols), *(line(order_id=i).replace(",10,", ",", 1) for i in (1, 2)), "3,3,4"]
+            )
             + "\n",
         ),
         3,
         "customer_id",
     ),
     (
-        FILES.add("customers/no_email.xlsx", xlsx_bytes([[c for c in CUSTOMER_HEADER if c != "email"], *_customers_no_email])),
+        FILES.add(
+            "customers/no_email.xlsx", xlsx_bytes([[c for c in CUSTOMER_HEADER if c != "email"], *_customers_no_email])
+        ),
         2,
         "email",
     ),
@@ -140,7 +144,9 @@ SCHEMA_MISMATCH = [
         "sensor_id",
     ),
     (
-        FILES.add("events/no_session.jsonl", jsonl_text(without(event(event_id=f"ns{i}"), "session_id") for i in (1, 2))),
+        FILES.add(
+            "events/no_session.jsonl", jsonl_text(without(event(event_id=f"ns{i}"), "session_id") for i in (1, 2))
+        ),
         2,
         "session_id",
     ),
@@ -196,7 +202,9 @@ CSV_MALFORMED = {
     "quote-inside-quoted-field": line(order_id=9, payment_method='"ca"rd"x'),
 }
 # One file: a valid record, the bad ones (record k + 2 for the k-th case), a valid record.
-CSV_MALFORMED_SRC = FILES.add("orders/malformed.csv", orders_doc(line(order_id=1), *CSV_MALFORMED.values(), line(order_id=2)))
+CSV_MALFORMED_SRC = FILES.add(
+    "orders/malformed.csv", orders_doc(line(order_id=1), *CSV_MALFORMED.values(), line(order_id=2))
+)
 
 
 @pytest.mark.parametrize("case", CSV_MALFORMED)
@@ -260,7 +268,11 @@ JSONL_MALFORMED = {
 JSONL_MALFORMED_SRC = FILES.add(
     "events/malformed.jsonl",
     "\n".join(
-        [json.dumps(event(event_id="first")), *(bad for bad, _ in JSONL_MALFORMED.values()), json.dumps(event(event_id="last"))]
+        [
+            json.dumps(event(event_id="first")),
+            *(bad for bad, _ in JSONL_MALFORMED.values()),
+            json.dumps(event(event_id="last")),
+        ]
     )
     + "\n",
 )
@@ -298,10 +310,17 @@ def test_jsonl_invalid_utf8_is_malformed_with_escapes(lake):
     assert_accounted(lake, BAD_UTF8_JSONL, 3)
 
 
-JSON_MALFORMED = {"number": (42, "42"), "string": ("a store", '"a store"'), "array": ([1, 2], "[1,2]"), "null": (None, "null")}
+JSON_MALFORMED = {
+    "number": (42, "42"),
+    "string": ("a store", '"a store"'),
+    "array": ([1, 2], "[1,2]"),
+    "null": (None, "null"),
+}
 JSON_MALFORMED_SRC = FILES.add(
     "stores/malformed.json",
-    json.dumps([store(store_id=101), *(element for element, _ in JSON_MALFORMED.values()), store(store_id=102)], indent=2),
+    json.dumps(
+        [store(store_id=101), *(element for element, _ in JSON_MALFORMED.values()), store(store_id=102)], indent=2
+    ),
 )
 
 
@@ -316,7 +335,9 @@ def test_json_array_element_not_an_object_is_malformed(lake, case):
     assert_accounted(lake, JSON_MALFORMED_SRC, len(JSON_MALFORMED) + 2)
 
 
-COMPACT = FILES.add("stores/indented.json", json.dumps([store(store_id=7), {"store_id": None, "store_name": "No id"}], indent=4))
+COMPACT = FILES.add(
+    "stores/indented.json", json.dumps([store(store_id=7), {"store_id": None, "store_name": "No id"}], indent=4)
+)
 
 
 def test_json_array_raw_record_is_compact_json(lake):
@@ -333,7 +354,9 @@ CSV_MISSING = {"empty-field": '""', "unquoted-empty": "", "spaces": "   ", "tab"
 CSV_MISSING_SRC = FILES.add(
     "orders/missing.csv",
     orders_doc(
-        line(order_id=1), *(line(order_id=n + 2, currency=v) for n, v in enumerate(CSV_MISSING.values())), line(order_id=99)
+        line(order_id=1),
+        *(line(order_id=n + 2, currency=v) for n, v in enumerate(CSV_MISSING.values())),
+        line(order_id=99),
     ),
 )
 
@@ -440,7 +463,7 @@ def test_xlsx_missing_required_and_type_mismatch(lake):
     assert_accounted(lake, XLSX_MIXED, 6)
 
 
-CSV_CONSTRAINTS = {
+CSV_CONSTRAINTS: dict[str, tuple[dict[str, object], str, str]] = {
     # id: (overrides, column, offending value as written)
     "quantity-0": ({"quantity": 0}, "quantity", "0"),
     "quantity-negative": ({"quantity": -3}, "quantity", "-3"),
@@ -452,7 +475,9 @@ CSV_CONSTRAINTS = {
 }
 CSV_CONSTRAINTS_SRC = FILES.add(
     "orders/constraints.csv",
-    orders_csv(order(order_id=1), *(order(order_id=n + 2, **over) for n, (over, _, _) in enumerate(CSV_CONSTRAINTS.values()))),
+    orders_csv(
+        order(order_id=1), *(order(order_id=n + 2, **over) for n, (over, _, _) in enumerate(CSV_CONSTRAINTS.values()))
+    ),
 )
 
 
@@ -472,19 +497,27 @@ def test_constraint_bounds_are_inclusive_where_declared(lake_run):
     lr = lake_run(
         {
             "orders/edges.csv": orders_csv(
-                order(order_id=1, discount_pct="0"), order(order_id=2, discount_pct="100.00"), order(order_id=3, quantity=1)
+                order(order_id=1, discount_pct="0"),
+                order(order_id=2, discount_pct="100.00"),
+                order(order_id=3, quantity=1),
             ),
-            "products/edges.csv": products_csv(product(product_id=1, unit_price="0"), product(product_id=2, unit_price="-5")),
+            "products/edges.csv": products_csv(
+                product(product_id=1, unit_price="0"), product(product_id=2, unit_price="-5")
+            ),
         }
     )
-    assert [(r["order_id"], str(r["discount_pct"])) for r in lr.rows("orders")] == [(1, "0.00"), (2, "100.00"), (3, "5.00")]
+    assert [(r["order_id"], str(r["discount_pct"])) for r in lr.rows("orders")] == [
+        (1, "0.00"),
+        (2, "100.00"),
+        (3, "5.00"),
+    ]
     assert [(r["product_id"], str(r["unit_price"])) for r in lr.rows("products")] == [(1, "0.00")]
     [reject] = lr.rejects("products")
     assert (reject["src_row_number"], reject["reason_code"]) == (2, "CONSTRAINT_VIOLATION")
     assert "unit_price" in reject["reason_detail"] and "-5" in reject["reason_detail"]
 
 
-CSV_TYPES = {
+CSV_TYPES: dict[str, tuple[dict[str, object], str, str]] = {
     "int": ({"quantity": "abc"}, "quantity", "abc"),
     "date": ({"order_dt": "02/01/2024"}, "order_dt", "02/01/2024"),
     "timestamp": ({"order_ts": "yesterday"}, "order_ts", "yesterday"),
@@ -492,7 +525,9 @@ CSV_TYPES = {
 }
 CSV_TYPES_SRC = FILES.add(
     "orders/types.csv",
-    orders_csv(order(order_id=1), *(order(order_id=n + 2, **over) for n, (over, _, _) in enumerate(CSV_TYPES.values()))),
+    orders_csv(
+        order(order_id=1), *(order(order_id=n + 2, **over) for n, (over, _, _) in enumerate(CSV_TYPES.values()))
+    ),
 )
 
 
@@ -535,7 +570,7 @@ def test_json_type_mismatch(lake):
 # Reason precedence: the first reason in the contract's order wins
 # ------------------------------------------------------------------------------------------
 
-PRECEDENCE = {
+PRECEDENCE: dict[str, tuple[dict[str, object], str, str]] = {
     # id: (record overrides, expected reason, column named in reason_detail)
     "missing-before-type": ({"customer_id": "", "quantity": "abc"}, "MISSING_REQUIRED", "customer_id"),
     "whitespace-missing-before-type": ({"customer_id": " ", "order_dt": "never"}, "MISSING_REQUIRED", "customer_id"),
@@ -582,7 +617,9 @@ def test_every_reason_of_one_csv_source_is_accounted(lake_run):
 
     o = lr.outcome("orders/a.csv")
     assert o.status == "success"
-    assert o.rejects == Counter({"MALFORMED_RECORD": 1, "MISSING_REQUIRED": 1, "TYPE_MISMATCH": 1, "CONSTRAINT_VIOLATION": 1})
+    assert o.rejects == Counter(
+        {"MALFORMED_RECORD": 1, "MISSING_REQUIRED": 1, "TYPE_MISMATCH": 1, "CONSTRAINT_VIOLATION": 1}
+    )
     assert reasons_by_row(lr.rejects("orders")) == {
         2: "MALFORMED_RECORD",
         3: "MISSING_REQUIRED",
@@ -640,21 +677,30 @@ def test_csv_blank_lines_between_records(lake):
 NUMBERED_XLSX = FILES.add(
     "customers/numbered.xlsx", xlsx_bytes([CUSTOMER_HEADER, customer_row(customer_id=7), customer_row(customer_id=8)])
 )
-NUMBERED_PARQUET = FILES.add("sensors/numbered.parquet", sensors_parquet([sensor(sensor_id="x"), sensor(sensor_id="y")]))
+NUMBERED_PARQUET = FILES.add(
+    "sensors/numbered.parquet", sensors_parquet([sensor(sensor_id="x"), sensor(sensor_id="y")])
+)
 
 
 def test_xlsx_and_parquet_row_numbers_start_at_one(lake):
     assert [(r["customer_id"], r["src_row_number"]) for r in lake.rows("customers", NUMBERED_XLSX)] == [(7, 1), (8, 2)]
-    assert [(r["sensor_id"], r["src_row_number"]) for r in lake.rows("sensors", NUMBERED_PARQUET)] == [("x", 1), ("y", 2)]
+    assert [(r["sensor_id"], r["src_row_number"]) for r in lake.rows("sensors", NUMBERED_PARQUET)] == [
+        ("x", 1),
+        ("y", 2),
+    ]
 
 
 # ------------------------------------------------------------------------------------------
 # Compressed sources and alternative extensions
 # ------------------------------------------------------------------------------------------
 
-COMPRESSED = {
+COMPRESSED: dict[str, tuple[str, str, list[object]]] = {
     # src_path: (table, key column, expected keys)
-    FILES.add("orders/gz.csv.gz", gz(orders_csv(order(order_id=501), order(order_id=502)))): ("orders", "order_id", [501, 502]),
+    FILES.add("orders/gz.csv.gz", gz(orders_csv(order(order_id=501), order(order_id=502)))): (
+        "orders",
+        "order_id",
+        [501, 502],
+    ),
     FILES.add("events/gz.jsonl.gz", gz(jsonl_text([event(event_id="g1"), event(event_id="g2")]))): (
         "events",
         "event_id",
@@ -662,7 +708,11 @@ COMPRESSED = {
     ),
     FILES.add("events/gz.ndjson.gz", gz(jsonl_text([event(event_id="n1")]))): ("events", "event_id", ["n1"]),
     FILES.add("events/plain.ndjson", jsonl_text([event(event_id="n2")])): ("events", "event_id", ["n2"]),
-    FILES.add("stores/gz.json.gz", gz(json.dumps([store(store_id=55), store(store_id=56)]))): ("stores", "store_id", [55, 56]),
+    FILES.add("stores/gz.json.gz", gz(json.dumps([store(store_id=55), store(store_id=56)]))): (
+        "stores",
+        "store_id",
+        [55, 56],
+    ),
 }
 
 
@@ -750,7 +800,9 @@ IGNORED = [
 
 def test_ignored_names_never_appear(lake_run):
     # Every ignored file holds a record that would be rejected: it must not be read at all.
-    files: dict[str, str | bytes] = {p: orders_csv(order(order_id=600 + i, quantity="0")) for i, p in enumerate(IGNORED)}
+    files: dict[str, str | bytes] = {
+        p: orders_csv(order(order_id=600 + i, quantity="0")) for i, p in enumerate(IGNORED)
+    }
     files["orders/sub/kept.csv"] = orders_csv(order(order_id=1))
     lr = lake_run(files)
 

@@ -75,18 +75,28 @@ SENSORS = FILES.add(
     sensors_parquet(
         [
             sensor(store_id=1, sensor_id="a", reading_ts=dt.datetime(2024, 1, 15, tzinfo=UTC)),
-            sensor(store_id=1, sensor_id="b", reading_ts=dt.datetime(2024, 1, 31, 23, 30, tzinfo=dt.timezone(dt.timedelta(hours=-2)))),
+            sensor(
+                store_id=1,
+                sensor_id="b",
+                reading_ts=dt.datetime(2024, 1, 31, 23, 30, tzinfo=dt.timezone(dt.timedelta(hours=-2))),
+            ),
             sensor(store_id=2, sensor_id="c", reading_ts=dt.datetime(2024, 1, 31, 23, 30, tzinfo=UTC)),
-            sensor(store_id=2, sensor_id="d", reading_ts=dt.datetime(2024, 2, 1, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=1)))),
+            sensor(
+                store_id=2,
+                sensor_id="d",
+                reading_ts=dt.datetime(2024, 2, 1, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+            ),
         ]
     ),
 )
 STORES = FILES.add("stores/stores.json", json.dumps([store(store_id=1), store(store_id=2, city=None, note="x")]))
 CUSTOMERS = FILES.add(
-    "customers.xlsx", xlsx_bytes([CUSTOMER_HEADER, customer_row(customer_id=1), customer_row(customer_id=2, email=None)])
+    "customers.xlsx",
+    xlsx_bytes([CUSTOMER_HEADER, customer_row(customer_id=1), customer_row(customer_id=2, email=None)]),
 )
 PRODUCTS = FILES.add(
-    "products/products.csv", products_csv(product(product_id=1), product(product_id=2, updated_at="2024-01-01T00:00:00+05:30"))
+    "products/products.csv",
+    products_csv(product(product_id=1), product(product_id=2, updated_at="2024-01-01T00:00:00+05:30")),
 )
 RETURNS = FILES.add(
     "returns/returns_2024-01.csv",
@@ -100,8 +110,12 @@ RETURNS = FILES.add(
 )
 # Hashes: the same raw record in two files, and records that differ by one character.
 SAME_A = ",".join(str(v) for v in order(order_id=70).values())
-HASH_1 = FILES.add("orders/hash_1.csv", "\n".join([",".join(ORDER_COLUMNS), SAME_A, SAME_A.replace("card", "cash")]) + "\n")
-HASH_2 = FILES.add("orders/hash_2.csv", "\n".join([",".join(ORDER_COLUMNS), SAME_A, SAME_A.replace("card", "card ")]) + "\n")
+HASH_1 = FILES.add(
+    "orders/hash_1.csv", "\n".join([",".join(ORDER_COLUMNS), SAME_A, SAME_A.replace("card", "cash")]) + "\n"
+)
+HASH_2 = FILES.add(
+    "orders/hash_2.csv", "\n".join([",".join(ORDER_COLUMNS), SAME_A, SAME_A.replace("card", "card ")]) + "\n"
+)
 SOURCES_BY_TABLE = Counter(
     p.split("/")[0] if "/" in p else next(t for t in TABLE_NAMES if p.startswith(t)) for p in FILES
 )
@@ -339,9 +353,7 @@ def test_duckdb_reads_the_parquet_dataset_with_hive_partitioning(lake, name):
 
 def test_duckdb_delta_extension_reads_the_delta_tables(lake):
     with duckdb.connect(config={"autoinstall_known_extensions": False}) as con:
-        installed = con.execute(
-            "SELECT installed FROM duckdb_extensions() WHERE extension_name = 'delta'"
-        ).fetchall()
+        installed = con.execute("SELECT installed FROM duckdb_extensions() WHERE extension_name = 'delta'").fetchall()
         if not installed or not installed[0][0]:
             pytest.skip("the DuckDB delta extension is not installed (INSTALL needs the network)")
         con.execute("LOAD delta")
@@ -357,7 +369,7 @@ def test_duckdb_delta_extension_reads_the_delta_tables(lake):
 
 @pytest.mark.parametrize(
     "src_path",
-    ["orders/o'brien 2024 ü.csv", "orders/ça va; \"quoted\" %20 #1 = x'--.csv", "orders_d'été 2024.csv"],
+    ["orders/o'brien 2024 ü.csv", 'orders/ça va; "quoted" %20 #1 = x\'--.csv', "orders_d'été 2024.csv"],
 )
 def test_awkward_file_name_loads_reruns_and_replaces(lake_run, src_path):
     first = orders_csv(order(order_id=1), order(order_id=2, quantity="0"), order(order_id=3, order_dt="2024-01-03"))
@@ -389,7 +401,8 @@ def test_awkward_file_name_loads_reruns_and_replaces(lake_run, src_path):
     assert partition_dirs(lr.parquet_dir("orders")) == {"order_dt=2024-01-02"}
     with duckdb.connect() as con:
         [(count,)] = con.execute(
-            "SELECT count(*) FROM read_parquet(?, hive_partitioning = true)", [f"{lr.parquet_dir('orders')}/**/*.parquet"]
+            "SELECT count(*) FROM read_parquet(?, hive_partitioning = true)",
+            [f"{lr.parquet_dir('orders')}/**/*.parquet"],
         ).fetchall()
     assert count == 1
     assert os.listdir(lr.raw) == [src_path.split("/")[0]]  # the raw file is never moved

@@ -79,8 +79,8 @@ def check(lake: LakeRun, table: str, src_path: str, row: int, expect: Expect) ->
         assert expect.column in rejected[row]["reason_detail"]
 
 
-def ts(*args: int) -> dt.datetime:
-    return dt.datetime(*args, tzinfo=UTC)
+def ts(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, us: int = 0) -> dt.datetime:
+    return dt.datetime(year, month, day, hour, minute, second, us, tzinfo=UTC)
 
 
 # ------------------------------------------------------------------------------------------
@@ -231,7 +231,9 @@ def test_quoted_csv_source_is_all_loaded(lake):
     assert lake.rejects("orders", QUOTED_SRC) == []
 
 
-_crlf_doc = csv_text(ORDER_COLUMNS, [[order(order_id=n, quantity=q)[c] for c in ORDER_COLUMNS] for n, q in ((1, 2), (2, 0))])
+_crlf_doc = csv_text(
+    ORDER_COLUMNS, [[order(order_id=n, quantity=q)[c] for c in ORDER_COLUMNS] for n, q in ((1, 2), (2, 0))]
+)
 CRLF_SRC = FILES.add("orders/crlf.csv", _crlf_doc.replace("\n", "\r\n"))
 
 
@@ -316,15 +318,30 @@ PARQUET_TS = {
         parquet_bytes(
             pa.Table.from_pylist(
                 [sensor(sensor_id="naive")], pa.schema([f for f in SENSOR_SCHEMA if f.name != "reading_ts"])
-            ).append_column("reading_ts", pa.array([1704189600123456789], pa.timestamp("ns")))  # 2024-01-02T10:00:00.123456789
+            ).append_column(
+                "reading_ts", pa.array([1704189600123456789], pa.timestamp("ns"))
+            )  # 2024-01-02T10:00:00.123456789
         ),
     ): ts(2024, 1, 2, 10, 0, 0, 123456),
+    FILES.add(
+        "sensors/ts-utc-ns.parquet",
+        parquet_bytes(
+            pa.Table.from_pylist(
+                [sensor(sensor_id="utc-ns")], pa.schema([f for f in SENSOR_SCHEMA if f.name != "reading_ts"])
+            ).append_column(
+                "reading_ts", pa.array([1704189600999999999], pa.timestamp("ns", tz="UTC"))
+            )  # 2024-01-02T10:00:00.999999999Z: truncated, not rounded up to the next second
+        ),
+    ): ts(2024, 1, 2, 10, 0, 0, 999999),
     FILES.add(
         "sensors/ts-paris.parquet",
         sensors_parquet(
             [sensor(sensor_id="paris", reading_ts=ts(2024, 7, 1, 12))],
             pa.schema(
-                [pa.field("reading_ts", pa.timestamp("ms", tz="Europe/Paris")) if f.name == "reading_ts" else f for f in SENSOR_SCHEMA]
+                [
+                    pa.field("reading_ts", pa.timestamp("ms", tz="Europe/Paris")) if f.name == "reading_ts" else f
+                    for f in SENSOR_SCHEMA
+                ]
             ),
         ),
     ): ts(2024, 7, 1, 12),
@@ -332,7 +349,9 @@ PARQUET_TS = {
         "sensors/ts-naive-s.parquet",
         sensors_parquet(
             [sensor(sensor_id="seconds", reading_ts=dt.datetime(2024, 3, 31, 23, 59, 59))],
-            pa.schema([pa.field("reading_ts", pa.timestamp("s")) if f.name == "reading_ts" else f for f in SENSOR_SCHEMA]),
+            pa.schema(
+                [pa.field("reading_ts", pa.timestamp("s")) if f.name == "reading_ts" else f for f in SENSOR_SCHEMA]
+            ),
         ),
     ): ts(2024, 3, 31, 23, 59, 59),
 }
@@ -498,7 +517,13 @@ RESCUED = {
     RESCUE_CSV: ("orders", {1: {"note": "hello"}, 2: None, 3: {"note": "5", "channel": "web, app"}}),
     RESCUE_JSON: (
         "events",
-        {1: {"ab": 1, "flag": True, "nested": {"x": [1, 2]}, "ratio": 0.5}, 2: None, 3: None, 4: None, 5: {"extra": "text"}},
+        {
+            1: {"ab": 1, "flag": True, "nested": {"x": [1, 2]}, "ratio": 0.5},
+            2: None,
+            3: None,
+            4: None,
+            5: {"extra": "text"},
+        },
     ),
     RESCUE_PARQUET: ("sensors", {1: {"firmware": 7, "label": "a"}, 2: None, 3: {"firmware": 8}}),
     RESCUE_XLSX: ("customers", {1: {"note": "vip", "score": "5"}, 2: None, 3: {"score": "2.5"}}),
