@@ -42,6 +42,7 @@ ROW_GROUP_ROWS = 262_144
 BUFFER_BYTES = 256 << 20
 MAX_OPEN_FILES = 512
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+STRING_STAT_CHARS = 32
 
 
 def source_id(src_path: str) -> str:
@@ -237,12 +238,15 @@ def _stat_value(value: object) -> object | None:
         return value.isoformat(timespec="microseconds") + "Z"
     if isinstance(value, dt.date):
         return value.isoformat()
+    if isinstance(value, str) and len(value) < STRING_STAT_CHARS:
+        return value  # short enough that no writer truncated it: exact, so safe for pruning
     return None
 
 
 def file_stats(meta: pq.FileMetaData, rows: int) -> str:
     """Delta ``stats`` of a file from its Parquet footer: row count, null counts, and min/max for
-    numbers, dates and timestamps (strings and decimals are left out rather than approximated)."""
+    numbers, dates, timestamps and short strings (long strings and decimals are left out rather
+    than approximated)."""
     nulls: dict[str, int] = {}
     mins: dict[str, object] = {}
     maxs: dict[str, object] = {}
