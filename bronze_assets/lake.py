@@ -26,13 +26,14 @@ import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from deltalake import DeltaTable
+from deltalake import CommitProperties, DeltaTable
 from deltalake.transaction import AddAction, RemoveAction
 
 from bronze_assets.validation import REJECT_SCHEMA
@@ -72,6 +73,16 @@ class WrittenFile:
     rows: int
     size: int
     stats: str
+
+
+@dataclass
+class DeltaCommit:
+    """What one Delta commit changed (paths relative to the table folder)."""
+
+    table: str
+    version: int
+    added: list[str]
+    removed: list[str]
 
 
 @dataclass
@@ -334,8 +345,12 @@ class Lake:
         return DeltaTable.create(str(path), schema, mode="ignore", partition_by=list(partition_by) or None)
 
     def source_files(self, dt_: DeltaTable, src_path: str) -> list[tuple[str, int, dict[str, str | None]]]:
-        """The active files of ``src_path`` in the Delta table: (path, size, partition values)."""
+        """The active files named after ``src_path`` in the Delta table: (path, size, partition values)."""
         sid = source_id(src_path) + "-"
+        return [f for f in self.active_files(dt_) if f[0].rsplit("/", 1)[-1].startswith(sid)]
+
+    def active_files(self, dt_: DeltaTable) -> list[tuple[str, int, dict[str, str | None]]]:
+        """Every active file of the Delta table: (path relative to the table, size, partition values)."""
         actions = pa.table(dt_.get_add_actions(flatten=False))
         out: list[tuple[str, int, dict[str, str | None]]] = []
         if actions.num_rows == 0:
@@ -348,12 +363,11 @@ class Lake:
             else [None] * len(paths)
         )
         for p, s, pv in zip(paths, sizes, parts, strict=True):
-            if urllib.parse.unquote(p).rsplit("/", 1)[-1].startswith(sid):
-                values = {k: (None if v is None else str(v)) for k, v in (pv or {}).items()}
-                out.append((urllib.parse.unquote(p), int(s), values))
+            values = {k: (None if v is None else str(v)) for k, v in (pv or {}).items()}
+            out.append((urllib.parse.unquote(p), int(s), values))
         return out
 
-    def publish(
+    def commit_delta(
         self,
         *,
         table: str,
@@ -363,12 +377,19 @@ class Lake:
         staged_dir: Path,
         files: list[WrittenFile],
         run_id: str,
-    ) -> int | None:
-        """Replace ``src_path``'s rows in both outputs with ``files``; return the new Delta version
-        (None when nothing changed)."""
+    ) -> DeltaCommit | None:
+        """Replace ``src_path``'s rows in the Delta table with ``files`` in one commit (None when
+        there was nothing to replace and nothing to add)."""
+        from bronze_assets.compaction import rewrite_without_source
+
         dt_ = self.ensure_delta(table, schema, partition_by)
         self._add_new_columns(dt_, schema)
         old = self.source_files(dt_, src_path)
+        # Rows of this source that compaction merged into shared files: those files are rewritten
+        # without them, in the same commit.
+        shared_old, rewritten = rewrite_without_source(self, dt_, table, src_path, staged_dir)
+        old += shared_old
+        files = files + rewritten
         if not old and not files:
             return None
         delta_dir = self.delta_dir(table)
@@ -378,7 +399,7 @@ class Lake:
             _link(staged_dir / f.relpath, delta_dir / f.relpath)
             actions.append(
                 AddAction(
-                    path=_uri_path(f.relpath),
+                    path=uri_path(f.relpath),
                     size=f.size,
                     partition_values=f.partition_values,
                     modification_time=now_ms,
@@ -387,25 +408,32 @@ class Lake:
                 )
             )
         for path, size, values in old:
-            actions.append(RemoveAction(_uri_path(path), True, now_ms, size, values))
-        from deltalake import CommitProperties
-
+            actions.append(RemoveAction(uri_path(path), True, now_ms, size, values))
         dt_.create_write_transaction(
             actions,
             mode="append",
             schema=self.table_schema(dt_),
             partition_by=list(partition_by) or None,
-            commit_properties=CommitProperties(
-                custom_metadata={"bronze.src_path": src_path, "bronze.run_id": run_id}
-            ),
+            commit_properties=CommitProperties(custom_metadata={"bronze.src_path": src_path, "bronze.run_id": run_id}),
         )
-        parquet_dir = self.parquet_dir(table)
-        for f in files:
-            _link(staged_dir / f.relpath, parquet_dir / f.relpath)
-        for path, _, _ in old:
-            _remove(parquet_dir / path)
         dt_.update_incremental()
-        return dt_.version()
+        return DeltaCommit(table, dt_.version(), [f.relpath for f in files], [p for p, _, _ in old])
+
+    def mirror_parquet(self, commit: DeltaCommit) -> None:
+        """Make the Parquet dataset follow a Delta commit: link its new files, drop its removed ones."""
+        parquet_dir, delta_dir = self.parquet_dir(commit.table), self.delta_dir(commit.table)
+        for rel in commit.added:
+            _link(delta_dir / rel, parquet_dir / rel)
+        for rel in commit.removed:
+            _remove(parquet_dir / rel)
+
+    def publish(self, **kwargs: Any) -> int | None:
+        """Both outputs at once (the command line's path): the Delta commit, then the mirror."""
+        commit = self.commit_delta(**kwargs)
+        if commit is None:
+            return None
+        self.mirror_parquet(commit)
+        return commit.version
 
     @staticmethod
     def _add_new_columns(dt_: DeltaTable, schema: pa.Schema) -> None:
@@ -451,7 +479,7 @@ class Lake:
         return fixed
 
 
-def _uri_path(relpath: str) -> str:
+def uri_path(relpath: str) -> str:
     return "/".join(urllib.parse.quote(part, safe="=-_.") for part in relpath.split("/"))
 
 
