@@ -26,13 +26,12 @@ from deltalake import DeltaTable
 
 from bronze_assets.discovery import RawSource
 from bronze_assets.errors import UnreadableFile
-from bronze_assets.readers import Reading, normalize_native
+from bronze_assets.readers import Reading, normalize_native, normalize_schema
 from schemas.schemas import Table
 
 if TYPE_CHECKING:
-    from bronze_assets.ingest import Outcome, Progress, Settings
-    from bronze_assets.lake import Lake
-    from bronze_assets.manifest import Manifest
+    from bronze_assets.ingest import Session
+    from bronze_assets.staging import Staged
 
 CDF_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 BATCH_ROWS = 131_072
@@ -95,66 +94,60 @@ def _added_file_batches(root: str, adds: list[dict[str, object]], schema: pa.Sch
             yield _plain(batch)
 
 
-def ingest_delta_source(
-    source: RawSource,
-    table: Table,
-    *,
-    lake: Lake,
-    manifest: Manifest,
-    settings: Settings,
-    run_id: str,
-    progress: Progress,
-) -> list[Outcome]:
-    """Ingest the versions of a Delta source committed since its watermark, oldest first."""
-    from bronze_assets.ingest import Outcome, ingest_file
+def stage_delta_source(source: RawSource, table: Table, *, session: Session) -> Iterator[Staged]:
+    """Stage the versions of a Delta source committed since its watermark (and any the run was
+    asked to reprocess), oldest first. A version that fails stops the ones after it."""
+    from bronze_assets.staging import Outcome, Staged, stage_source
 
+    settings = session.settings
     root = str(source.path)
     try:
         dt_ = DeltaTable(root)
         current = dt_.version()
         cdf = dt_.metadata().configuration.get("delta.enableChangeDataFeed", "false").lower() == "true"
-        arrow_schema = pa.schema(dt_.schema().to_arrow())  # type: ignore[arg-type]
+        arrow_schema = normalize_schema(pa.schema(dt_.schema().to_arrow()))  # type: ignore[arg-type]
     except Exception as exc:
-        return [Outcome(source.src_path, source.table, "failed", error=f"cannot open the Delta source: {exc}")]
-    last = manifest.watermarks().get(source.src_path, -1)
+        outcome = Outcome(source.src_path, source.table, "failed", error=f"cannot open the Delta source: {exc}")
+        staged = Staged(source, table, outcome, session.run_id)
+        staged.replace = False
+        yield staged
+        return
+    last = session.manifest.watermarks().get(source.src_path, -1)
     versions = set(range(last + 1, current + 1))
     if source.src_path in settings.reprocess:
         versions |= set(range(current + 1))
     prefix = source.src_path + "@v"
     versions |= {int(p[len(prefix) :]) for p in settings.reprocess if p.startswith(prefix) and p[len(prefix) :].isdigit()}
-    outcomes: list[Outcome] = []
     for version in sorted(v for v in versions if v <= current):
+        version_source = replace(source, src_path=f"{source.src_path}@v{version}", size=0)
         try:
             adds = _commit_adds(root, version)
         except (OSError, ValueError) as exc:
-            outcomes.append(
-                Outcome(f"{source.src_path}@v{version}", source.table, "failed", error=f"cannot read the log: {exc}")
-            )
-            break
-        size = sum(int(a.get("size", 0)) for a in adds)  # type: ignore[call-overload]
-        version_source = replace(source, src_path=f"{source.src_path}@v{version}", size=size)
+            outcome = Outcome(version_source.src_path, source.table, "failed", error=f"cannot read the log: {exc}")
+            staged = Staged(version_source, table, outcome, session.run_id)
+            staged.replace = False
+            yield staged
+            return
+        version_source = replace(version_source, size=sum(int(a.get("size", 0)) for a in adds))  # type: ignore[call-overload]
 
-        def opener(
-            vs: RawSource, version: int = version, adds: list[dict[str, object]] = adds
-        ) -> Reading:
+        def opener(vs: RawSource, version: int = version, adds: list[dict[str, object]] = adds) -> Reading:
             batches = _cdf_batches(dt_, version) if cdf else _added_file_batches(root, adds, arrow_schema)
-            plain = pa.schema([pa.field(f.name, pa.string()) if pa.types.is_string_view(f.type) else f for f in arrow_schema])
-            return Reading(list(plain.names), _guard(vs, _with_bookkeeping(batches)), "row", plain)
+            return Reading(list(arrow_schema.names), _guard(vs, _with_bookkeeping(batches)), "row", arrow_schema)
 
-        outcome, columns = ingest_file(
-            version_source, table, lake=lake, settings=settings, run_id=run_id, progress=progress, opener=opener
+        staged = stage_source(
+            version_source,
+            table,
+            lake=session.lake,
+            settings=settings,
+            run_id=session.run_id,
+            progress=session.say,
+            opener=opener,
         )
-        outcomes.append(outcome)
-        if not settings.dry_run:
-            from bronze_assets.ingest import record_outcome
-
-            record_outcome(manifest, version_source, outcome, None, run_id, table, columns)
-            if outcome.status != "failed" and version > last:
-                manifest.set_watermark(source.src_path, source.table, version)
-                last = version
-        if outcome.status == "failed":
-            break  # a failed version blocks the ones after it
-    return outcomes
+        if version > last:
+            staged.watermark = version
+        yield staged
+        if staged.outcome.status == "failed":
+            return  # a failed version blocks the ones after it
 
 
 def _guard(source: RawSource, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

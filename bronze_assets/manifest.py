@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,12 +76,18 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
-class Manifest:
-    """The manifest database at ``path``; ``read_only`` never creates or changes anything."""
+Connector = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 
-    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+
+class Manifest:
+    """The manifest database at ``path``; ``read_only`` never creates or changes anything.
+
+    ``connector`` supplies connections instead (Dagster passes its DuckDB resource's)."""
+
+    def __init__(self, path: Path, *, read_only: bool = False, connector: Connector | None = None) -> None:
         self.path = path
         self.read_only = read_only
+        self.connector = None if read_only else connector
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
             with self.connect() as con:
@@ -90,6 +96,10 @@ class Manifest:
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        if self.connector is not None:
+            with self.connector() as con:
+                yield con
+            return
         if self.read_only:
             if not self.path.exists():
                 con = duckdb.connect(":memory:")
