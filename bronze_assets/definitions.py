@@ -1,59 +1,74 @@
-"""Dagster code location. Wiring only: the ingestion itself is ``bronze_assets.ingest``.
+"""The Dagster code location: wiring only. Assets, checks and sensors are generated per table
+from ``schemas.schemas.TABLES``; the ingestion itself is the same core as the command line's.
 
-For now one asset runs a whole ingestion (every table); per-table assets partitioned by source
-file, sensors, IO managers and checks come on top of the same core.
+Environment (read here, once): BRONZE_RAW, BRONZE_LAKE, BRONZE_MANIFEST (defaults: data_raw, lake,
+duckdb/warehouse.duckdb, relative to the working directory).
 """
 
+import os
 from pathlib import Path
 
 import dagster as dg
 
-from bronze_assets.ingest import Settings, run
+from bronze_assets.assets import build_table_asset, partitions_name
+from bronze_assets.discovery import discover
+from bronze_assets.io_managers import DeltaIOManager, ParquetIOManager
+from bronze_assets.lake import Lake
+from bronze_assets.resources import LakeResource, ManifestResource
+from bronze_assets.sensors import build_sensor
+from schemas.schemas import TABLES
+
+RAW = os.environ.get("BRONZE_RAW", "data_raw")
+LAKE = os.environ.get("BRONZE_LAKE", "lake")
+MANIFEST = os.environ.get("BRONZE_MANIFEST", "duckdb/warehouse.duckdb")
+
+table_assets = {t.name: build_table_asset(t) for t in TABLES}
+sensors = [build_sensor(t, table_assets[t.name]) for t in TABLES]
 
 
-class BronzeSettings(dg.ConfigurableResource):
-    """Where the raw files, the lake and the manifest live (relative to the working directory)."""
+@dg.op(description="Register every raw source as a partition of its table (for CLI and CI runs).")
+def register_raw_sources(context: dg.OpExecutionContext, lake: LakeResource) -> None:
+    found = discover(Path(lake.raw), TABLES)
+    for table in TABLES:
+        name = partitions_name(table)
+        known = set(context.instance.get_dynamic_partitions(name))
+        new = [s.src_path for s in found.sources if s.table == table.name and s.src_path not in known]
+        if new:
+            context.instance.add_dynamic_partitions(name, new)
+        context.log.info(f"{table.name}: {len(new)} new source(s) registered, {len(known)} already known")
 
-    raw: str = "data_raw"
-    lake: str = "lake"
-    manifest: str = "duckdb/warehouse.duckdb"
 
-    def settings(self) -> Settings:
-        return Settings(raw=Path(self.raw), lake=Path(self.lake), manifest=Path(self.manifest))
+@dg.job(description="Register the raw sources as partitions; then `dagster asset materialize` them.")
+def register_raw_sources_job() -> None:
+    register_raw_sources()
 
 
-@dg.asset(
-    key=["bronze", "ingestion"],
-    kinds={"parquet", "delta", "duckdb"},
-    description="Ingest every new or changed raw source into the bronze Parquet and Delta outputs.",
-    pool="manifest",
-)
-def bronze_ingestion(context: dg.AssetExecutionContext, bronze: BronzeSettings) -> dg.MaterializeResult:
-    result = run(bronze.settings(), progress=context.log.info)
-    failed = [o for o in result.outcomes if o.status == "failed"]
-    if failed:
-        raise dg.Failure(
-            description=f"{len(failed)} source(s) failed",
-            metadata={o.src_path: o.error or "" for o in failed[:50]},
-        )
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": sum(o.rows for o in result.outcomes),
-            "rows_rejected": sum(o.reject_count for o in result.outcomes),
-            "sources_ingested": len(result.outcomes),
-            "bytes_written": sum(o.bytes for o in result.outcomes),
-            "files_written": sum(o.files for o in result.outcomes),
-        }
-    )
+@dg.op(description="Coalesce small files in both outputs and vacuum unreferenced Delta files.")
+def compact_and_vacuum(context: dg.OpExecutionContext, lake: LakeResource) -> None:
+    from bronze_assets.compaction import compact_table, vacuum_table
+
+    lake_ = Lake(Path(lake.lake))
+    for table in TABLES:
+        if lake_.delta_table(table.name) is None:
+            continue
+        result = compact_table(lake_, table, target_file_bytes=lake.target_file_mb << 20)
+        removed = vacuum_table(lake_, table)
+        context.log.info(f"{table.name}: {result}; vacuum removed {len(removed)} file(s)")
+
+
+@dg.job(description="Compaction: small files coalesced toward the target size, Delta vacuumed.")
+def compaction_job() -> None:
+    compact_and_vacuum()
 
 
 defs = dg.Definitions(
-    assets=[bronze_ingestion],
+    assets=list(table_assets.values()),
+    sensors=sensors,
+    jobs=[register_raw_sources_job, compaction_job],
     resources={
-        "bronze": BronzeSettings(
-            raw=dg.EnvVar("BRONZE_RAW").get_value("data_raw") or "data_raw",
-            lake=dg.EnvVar("BRONZE_LAKE").get_value("lake") or "lake",
-            manifest=dg.EnvVar("BRONZE_MANIFEST").get_value("duckdb/warehouse.duckdb") or "duckdb/warehouse.duckdb",
-        )
+        "lake": LakeResource(raw=RAW, lake=LAKE),
+        "manifest": ManifestResource(database=MANIFEST),
+        "delta_io": DeltaIOManager(lake=LAKE),
+        "parquet_io": ParquetIOManager(lake=LAKE),
     },
 )

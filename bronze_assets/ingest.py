@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-import pyarrow as pa
-
 from bronze_assets.discovery import Discovery, RawSource, discover
 from bronze_assets.errors import BadArgument, BronzeError
 from bronze_assets.lake import Lake
@@ -35,10 +33,10 @@ from bronze_assets.staging import (
     Settings,
     Staged,
     Status,
-    commit_staged,
     discard,
-    mirror_staged,
     place_rejects,
+    publish_delta,
+    publish_parquet,
     stage_source,
 )
 from schemas.schemas import TABLES, TABLES_BY_NAME, Table
@@ -302,39 +300,18 @@ class Session:
 
     # -- publishing and recording --------------------------------------------------------------
 
-    def commit(self, staged: Staged) -> None:
-        if self.settings.dry_run:
-            return
-        try:
-            commit_staged(self.lake, staged)
-        except (OSError, pa.ArrowException, BronzeError) as exc:
-            self._fail(staged, f"writing the lake: {exc}")
-        except Exception as exc:
-            self._fail(staged, f"writing the lake: {type(exc).__name__}: {exc}")
-
-    def mirror(self, staged: Staged) -> None:
-        if self.settings.dry_run or (staged.outcome.status == "failed" and staged.commit is None):
-            return
-        try:
-            mirror_staged(self.lake, staged)
-        except OSError as exc:
-            self._fail(staged, f"writing the Parquet mirror: {exc}")
-
     def publish(self, staged: Staged) -> None:
-        self.commit(staged)
-        self.mirror(staged)
-
-    def _fail(self, staged: Staged, message: str) -> None:
-        staged.outcome.status = "failed"
-        staged.outcome.error = message.splitlines()[0]
-        staged.commit = None
+        """Both halves of publishing, in order (the IO managers call them one each)."""
+        if not self.settings.dry_run:
+            publish_delta(self.lake, staged)
+            publish_parquet(self.lake, staged)
 
     def finish(self, staged: Staged) -> Outcome:
         """Place the rejects, record the outcome in the manifest, clean the staging folder."""
         outcome = staged.outcome
         try:
             if not self.settings.dry_run:
-                if not (outcome.status == "failed" and outcome.error and outcome.error.startswith("writing")):
+                if not (outcome.error or "").startswith("writing"):
                     place_rejects(self.lake, staged)
                 record_outcome(self.manifest, staged.source, outcome, staged.checksum, self.run_id, staged.table, staged.columns)
                 if staged.watermark is not None and outcome.status != "failed":

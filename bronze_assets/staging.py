@@ -203,6 +203,27 @@ def mirror_staged(lake: Lake, staged: Staged) -> None:
         lake.mirror_parquet(staged.commit)
 
 
+def publish_delta(lake: Lake, staged: Staged) -> None:
+    """``commit_staged``, with an error recorded on the source instead of raised."""
+    try:
+        commit_staged(lake, staged)
+    except Exception as exc:
+        _fail(staged, f"writing the lake: {type(exc).__name__}: {exc}")
+
+
+def publish_parquet(lake: Lake, staged: Staged) -> None:
+    """``mirror_staged``, with an error recorded on the source instead of raised."""
+    try:
+        mirror_staged(lake, staged)
+    except OSError as exc:
+        _fail(staged, f"writing the Parquet mirror: {exc}")
+
+
+def _fail(staged: Staged, message: str) -> None:
+    staged.outcome.status = "failed"
+    staged.outcome.error = message.splitlines()[0]
+
+
 def place_rejects(lake: Lake, staged: Staged) -> None:
     """Move the staged rejects file to its place (replacing the source's previous one)."""
     if staged.rejects_path is not None and staged.rejects_path.exists():

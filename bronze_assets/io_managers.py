@@ -1,0 +1,79 @@
+"""IO managers for the two bronze outputs. The asset hands them the sources it staged; the Delta
+IO manager commits them (one Delta transaction per source), the Parquet IO manager mirrors those
+commits into the hive-partitioned Parquet dataset. The asset yields Delta first, then Parquet.
+
+Both replace exactly the rows of the sources in hand, whatever the number of partition keys in
+the run: nothing here overwrites a table (dagster-deltalake's IO manager did, on multi-partition
+runs).
+"""
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from bronze_assets.lake import Lake
+from bronze_assets.staging import Staged, publish_delta, publish_parquet
+
+
+def _staged(obj: Any) -> list[Staged]:
+    if not isinstance(obj, list) or not all(isinstance(s, Staged) for s in obj):
+        raise dg.DagsterInvariantViolationError("bronze IO managers take the list of staged sources")
+    return obj
+
+
+def _table_name(context: dg.InputContext | dg.OutputContext) -> str:
+    return context.asset_key.path[1]
+
+
+def _only_partitions(context: dg.InputContext, dataset: pads.Dataset) -> pa.Table:
+    if context.has_asset_partitions:
+        keys = list(context.asset_partition_keys)
+        return dataset.to_table(filter=pads.field("src_filename").isin(keys))
+    return dataset.to_table()
+
+
+class DeltaIOManager(dg.ConfigurableIOManager):
+    """Commits staged sources to ``<lake>/bronze/delta/<table>``."""
+
+    lake: str = "lake"
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        lake = Lake(Path(self.lake))
+        versions = []
+        for staged in _staged(obj):
+            publish_delta(lake, staged)
+            if staged.commit is not None:
+                versions.append(staged.commit.version)
+        dt_ = lake.delta_table(_table_name(context))
+        context.add_output_metadata(
+            {
+                "delta_versions_committed": len(versions),
+                "delta_version": dt_.version() if dt_ is not None else -1,
+                "dagster/uri": str(lake.delta_dir(_table_name(context))),
+            }
+        )
+
+    def load_input(self, context: dg.InputContext) -> pa.Table:
+        dt_ = Lake(Path(self.lake)).delta_table(_table_name(context))
+        if dt_ is None:
+            raise dg.DagsterInvariantViolationError(f"no Delta table for {context.asset_key.to_user_string()}")
+        return _only_partitions(context, dt_.to_pyarrow_dataset())
+
+
+class ParquetIOManager(dg.ConfigurableIOManager):
+    """Mirrors the Delta commits of staged sources into ``<lake>/bronze/parquet/<table>``."""
+
+    lake: str = "lake"
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        lake = Lake(Path(self.lake))
+        for staged in _staged(obj):
+            publish_parquet(lake, staged)
+        context.add_output_metadata({"dagster/uri": str(lake.parquet_dir(_table_name(context)))})
+
+    def load_input(self, context: dg.InputContext) -> pa.Table:
+        path = Lake(Path(self.lake)).parquet_dir(_table_name(context))
+        return _only_partitions(context, pads.dataset(str(path), format="parquet", partitioning="hive"))
