@@ -15,6 +15,7 @@ from bronze_assets.validation import output_schema
 from schemas.schemas import Table
 
 AUDIT_COLUMNS = ("ingestion_ts", "src_filename", "src_row_number", "src_row_hash")
+ROW_IDENTITY = pa.schema([("src_filename", pa.string()), ("src_row_number", pa.int64()), ("src_row_hash", pa.string())])
 Evidence = dict[str, object]
 
 
@@ -77,8 +78,8 @@ def outputs_identical(lake: Lake, table: Table, src_paths: Sequence[str]) -> tup
     columns = ["src_filename", "src_row_number", "src_row_hash"]
     flt = pads.field("src_filename").isin(list(src_paths))
     delta_rows = dt_.to_pyarrow_dataset().to_table(columns=columns, filter=flt) if src_paths else None
-    parquet_ds = _parquet_dataset(lake, table)
-    parquet_rows = parquet_ds.to_table(columns=columns, filter=flt) if src_paths and parquet_ds.schema.names else None
+    parquet_ds = _parquet_dataset(lake, table, schema=ROW_IDENTITY)
+    parquet_rows = parquet_ds.to_table(filter=flt) if src_paths and parquet_ds.schema.names else None
     differing: list[str] = []
     if delta_rows is not None:
         a = _sorted(delta_rows)
@@ -110,13 +111,15 @@ def audit_complete(lake: Lake, table: Table, src_paths: Sequence[str]) -> tuple[
     return passed, {"rows_checked": rows.num_rows, "null_counts": nulls, "malformed_row_hashes": bad_hash}
 
 
-def _parquet_dataset(lake: Lake, table: Table) -> pads.Dataset:
+def _parquet_dataset(lake: Lake, table: Table, *, schema: pa.Schema | None = None) -> pads.Dataset:
+    """The Parquet output; ``schema`` reads just those columns, cast to those types, from every
+    file (a file another writer put there may carry other string types)."""
     pdir = lake.parquet_dir(table.name)
-    if not pdir.is_dir():
+    if not pdir.is_dir() or not any(pdir.rglob("*.parquet")):
         return pads.dataset(pa.table({}))
-    return pads.dataset(str(pdir), format="parquet", partitioning="hive")
+    return pads.dataset(str(pdir), format="parquet", partitioning="hive", schema=schema)
 
 
 def _sorted(t: pa.Table) -> pa.Table:
-    t = t.cast(pa.schema([("src_filename", pa.string()), ("src_row_number", pa.int64()), ("src_row_hash", pa.string())]))
+    t = t.select(ROW_IDENTITY.names).cast(ROW_IDENTITY)
     return t.sort_by([("src_filename", "ascending"), ("src_row_number", "ascending"), ("src_row_hash", "ascending")])

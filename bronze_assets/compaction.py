@@ -5,33 +5,398 @@ Data files are named after the source that wrote them (``<src_id>-...``), which 
 files are found when it is replaced. Compaction merges files of several sources into files named
 ``compacted-...``; a later replacement of one of those sources rewrites the compacted files that
 may hold its rows (by their ``src_filename`` statistics) without them, in the same Delta commit.
+
+Compaction is a rearrangement, not new data: one Delta commit per table adds the new files and
+removes the old ones, all with ``dataChange = false``, and the Parquet dataset then follows that
+commit like any other, so both outputs keep exactly the same rows.
+
+delta-rs's own ``DeltaTable.optimize.compact()`` must never be used on these tables: it would
+rewrite the files under names of its own (so replace-by-source could no longer find a source's
+rows) and it knows nothing of the Parquet mirror (whose files would then no longer be the table's
+active files). ``compact_table`` is this project's optimize; ``vacuum_table`` its vacuum.
 """
 
 from __future__ import annotations
 
+import math
+import shutil
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from deltalake import DeltaTable
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable
+from deltalake.transaction import AddAction, RemoveAction
+
+from bronze_assets import lake as lake_mod
 
 if TYPE_CHECKING:
     from bronze_assets.lake import Lake, WrittenFile
+    from schemas.schemas import Table
 
 COMPACTED_PREFIX = "compacted-"
+ORDER_KEYS = ("src_filename", "src_row_number")
 
 OldFile = tuple[str, int, dict[str, str | None]]
 
 
+@dataclass(frozen=True)
+class _Active:
+    """An active file of the Delta table, with what compaction needs to know about it."""
+
+    relpath: str
+    size: int
+    partition_values: dict[str, str | None]
+    src_min: str | None  # src_filename statistics (None when the file has none)
+    src_max: str | None
+
+    @property
+    def old(self) -> OldFile:
+        return (self.relpath, self.size, self.partition_values)
+
+    @property
+    def name(self) -> str:
+        return self.relpath.rsplit("/", 1)[-1]
+
+    @property
+    def folder(self) -> str:
+        return self.relpath.rsplit("/", 1)[0] if "/" in self.relpath else ""
+
+
+@dataclass
+class CompactionResult:
+    """What compacting one table did. ``files_*`` and ``bytes_*`` count the table's active files
+    before and after; ``delta_version`` is the compaction's commit (None when nothing was done)."""
+
+    table: str
+    partitions_compacted: int = 0
+    files_before: int = 0
+    files_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    delta_version: int | None = None
+
+
+def _struct_column(actions: pa.Table, name: str) -> list[dict[str, object] | None]:
+    if name not in actions.column_names:
+        return [None] * actions.num_rows
+    return actions.column(name).to_pylist()  # type: ignore[no-any-return]
+
+
+def _active(dt_: DeltaTable) -> list[_Active]:
+    """Every active file: path relative to the table, size, partition values as Delta writes them
+    (strings), and its src_filename min/max statistics."""
+    actions = pa.table(dt_.get_add_actions(flatten=False))
+    if actions.num_rows == 0:
+        return []
+    paths = actions.column("path").cast(pa.string()).to_pylist()
+    sizes = actions.column("size_bytes").to_pylist()
+    parts = _struct_column(actions, "partition")
+    mins, maxs = _struct_column(actions, "min"), _struct_column(actions, "max")
+    out = []
+    for path, size, part, lo, hi in zip(paths, sizes, parts, mins, maxs, strict=True):
+        values = {k: lake_mod.delta_value(v) for k, v in (part or {}).items()}
+        src_min = (lo or {}).get("src_filename")
+        src_max = (hi or {}).get("src_filename")
+        out.append(
+            _Active(
+                urllib.parse.unquote(path),
+                int(size),
+                values,
+                src_min if isinstance(src_min, str) else None,
+                src_max if isinstance(src_max, str) else None,
+            )
+        )
+    return out
+
+
 def compacted_files(lake: Lake, dt_: DeltaTable) -> list[OldFile]:
     """Active files of the table written by compaction."""
-    return [f for f in lake.active_files(dt_) if f[0].rsplit("/", 1)[-1].startswith(COMPACTED_PREFIX)]
+    return [f.old for f in _active(dt_) if f.name.startswith(COMPACTED_PREFIX)]
+
+
+def _in_partition(files: list[WrittenFile], folder: str, values: dict[str, str | None]) -> list[WrittenFile]:
+    """Files a writer put at the root of ``<dir>/<folder>``, with paths relative to ``<dir>``."""
+    return [
+        replace(f, relpath=f"{folder}/{f.relpath}" if folder else f.relpath, partition_values=dict(values))
+        for f in files
+    ]
+
+
+def _writer(directory: Path, schema: pa.Schema, target_file_bytes: int) -> lake_mod.PartitionedWriter:
+    return lake_mod.PartitionedWriter(
+        directory,
+        schema,
+        partition_by=(),
+        prefix=f"{COMPACTED_PREFIX}{uuid.uuid4().hex[:12]}",
+        target_file_bytes=target_file_bytes,
+    )
+
+
+# -- replacing a source inside compacted files -----------------------------------------------------
+
+
+def _may_hold(f: _Active, src_path: str) -> bool:
+    if f.src_min is None or f.src_max is None:
+        return True
+    return f.src_min <= src_path <= f.src_max
+
+
+def _matches(path: Path, src_path: str) -> tuple[int, int]:
+    """(rows of ``src_path``, all rows) in the file at ``path``, reading only src_filename."""
+    pf = pq.ParquetFile(path)
+    if "src_filename" not in pf.schema_arrow.names:
+        return 0, pf.metadata.num_rows
+    hits = 0
+    for batch in pf.iter_batches(columns=["src_filename"]):
+        hits += pc.sum(pc.equal(batch.column(0), src_path)).as_py() or 0
+    return hits, pf.metadata.num_rows
 
 
 def rewrite_without_source(
     lake: Lake, dt_: DeltaTable, table: str, src_path: str, staged_dir: Path
 ) -> tuple[list[OldFile], list[WrittenFile]]:
     """Compacted files that may hold rows of ``src_path``, and their rewrites without those rows
-    (written under ``staged_dir``). Nothing to do while the table has no compacted file."""
-    if not compacted_files(lake, dt_):
-        return [], []
-    raise NotImplementedError("replacing a source inside compacted files")
+    (written under ``staged_dir``). Nothing to do while the table has no compacted file.
+
+    Files whose ``src_filename`` statistics exclude ``src_path`` are not opened; the others are
+    scanned, and only those that really hold its rows are returned, each with a rewrite of its
+    other rows (none when no row is left) at ``staged_dir/<same folder>/compacted-<token>-<n>.parquet``.
+    """
+    candidates = [f for f in _active(dt_) if f.name.startswith(COMPACTED_PREFIX) and _may_hold(f, src_path)]
+    removed: list[OldFile] = []
+    written: list[WrittenFile] = []
+    delta_dir = lake.delta_dir(table)
+    for f in candidates:
+        path = delta_dir / f.relpath
+        hits, rows = _matches(path, src_path)
+        if not hits:
+            continue
+        removed.append(f.old)
+        if hits == rows:
+            continue
+        pf = pq.ParquetFile(path)
+        writer = _writer(staged_dir / f.folder, pf.schema_arrow, lake_mod.TARGET_FILE_BYTES)
+        try:
+            for batch in pf.iter_batches():
+                keep = pc.fill_null(pc.not_equal(batch.column("src_filename"), src_path), True)
+                writer.write(pa.Table.from_batches([batch]).filter(keep))
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        written += _in_partition(files, f.folder, f.partition_values)
+    return removed, written
+
+
+# -- compaction ----------------------------------------------------------------------------------
+
+
+Key = tuple[str, int]
+_LOWEST_ROW = -(2**63)
+
+
+def _first_key(path: Path) -> Key | None:
+    """A lower bound of the file's smallest (src_filename, src_row_number), from its footer
+    statistics; None when they are missing (the file may hold any key)."""
+    meta = pq.read_metadata(path)
+    names = meta.schema.to_arrow_schema().names
+    if "src_filename" not in names or meta.num_row_groups == 0:
+        return None
+    i_src = names.index("src_filename")
+    i_row = names.index("src_row_number") if "src_row_number" in names else None
+    srcs: list[str] = []
+    rows: list[int] = []
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        st = group.column(i_src).statistics
+        if st is None or not st.has_min_max or not isinstance(st.min, str):
+            return None
+        srcs.append(st.min)
+        rst = group.column(i_row).statistics if i_row is not None else None
+        rows.append(rst.min if rst is not None and rst.has_min_max else _LOWEST_ROW)
+    return (min(srcs), min(rows))
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.Table:
+    """``batch`` with exactly ``schema``'s columns: missing ones (older files of an evolved table)
+    are null, others cast when their type differs."""
+    n = batch.num_rows
+    columns = []
+    for f in schema:
+        i = batch.schema.get_field_index(f.name)
+        if i < 0:
+            columns.append(pa.nulls(n, f.type))
+        else:
+            col = batch.column(i)
+            columns.append(col if col.type == f.type else col.cast(f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _below(data: pa.Table, key: Key) -> int:
+    """How many leading rows of ``data`` (sorted by the order keys) sort before ``key``."""
+    src, row = data.column("src_filename"), data.column("src_row_number")
+    before = pc.or_(pc.less(src, key[0]), pc.and_(pc.equal(src, key[0]), pc.less(row, key[1])))
+    return int(pc.sum(pc.fill_null(before, False)).as_py() or 0)
+
+
+def _ordered(paths: Sequence[Path], schema: pa.Schema) -> Iterator[pa.Table]:
+    """The rows of ``paths``, conformed to ``schema``, ordered by (src_filename, src_row_number).
+
+    Files are taken in the order of their smallest key; before a file is read, the rows already
+    read that sort before its smallest key are yielded (no file still to read can come before
+    them). Memory therefore holds about one input file, plus whatever rows overlap the key range
+    of the next one (only files rewritten by an earlier compaction overlap).
+    """
+    if not all(k in schema.names for k in ORDER_KEYS):
+        for path in paths:
+            for batch in pq.ParquetFile(path).iter_batches():
+                yield _conform(batch, schema)
+        return
+    firsts = [(_first_key(p), p) for p in paths]
+    firsts.sort(key=lambda kp: (kp[0] is not None, kp[0] or ("", 0)))
+    sort_keys = [(k, "ascending") for k in ORDER_KEYS]
+    pending: pa.Table | None = None
+    for first, path in firsts:
+        if pending is not None and first is not None:
+            n = _below(pending, first)
+            if n:
+                yield pending.slice(0, n)
+                pending = pending.slice(n)
+        parts = [] if pending is None else [pending]
+        parts += [_conform(b, schema) for b in pq.ParquetFile(path).iter_batches()]
+        pending = pa.concat_tables(parts).sort_by(sort_keys)
+    if pending is not None and pending.num_rows:
+        yield pending
+
+
+def _groups(files: Iterable[_Active], small_file_bytes: int) -> list[list[_Active]]:
+    """Per partition, the small files, where there are two or more of them."""
+    by_partition: dict[tuple[tuple[str, str | None], ...], list[_Active]] = {}
+    for f in files:
+        if f.size < small_file_bytes:
+            by_partition.setdefault(tuple(sorted(f.partition_values.items())), []).append(f)
+    return [sorted(g, key=lambda f: f.relpath) for _, g in sorted(by_partition.items()) if len(g) >= 2]
+
+
+def compact_table(
+    lake: Lake,
+    table: Table,
+    *,
+    target_file_bytes: int = lake_mod.TARGET_FILE_BYTES,
+    small_file_bytes: int | None = None,
+    run_id: str = "",
+) -> CompactionResult:
+    """Coalesce, in every partition of ``table``'s Delta table, the active files smaller than
+    ``small_file_bytes`` (default: half the target) into ``compacted-...`` files of about
+    ``target_file_bytes``, ordered by (src_filename, src_row_number); commit the change in one
+    Delta transaction (``dataChange = false``) and make the Parquet dataset follow it.
+
+    A partition with fewer than two small files is left alone, so compacting again right after is
+    a no-op (no commit). Needs the lake to itself: run it under the ingestion's run lock.
+    """
+    small = target_file_bytes // 2 if small_file_bytes is None else small_file_bytes
+    if target_file_bytes <= 0 or small > target_file_bytes:
+        # With small > target a compacted file could itself count as small: never a fixed point.
+        raise ValueError(f"need 0 < small_file_bytes <= target_file_bytes, got {small} and {target_file_bytes}")
+    result = CompactionResult(table.name)
+    dt_ = lake.delta_table(table.name)
+    if dt_ is None:
+        return result
+    lake.reconcile(table.name)
+    files = _active(dt_)
+    result.files_before = result.files_after = len(files)
+    result.bytes_before = result.bytes_after = sum(f.size for f in files)
+    groups = _groups(files, small)
+    if not groups:
+        return result
+
+    schema = lake.table_schema(dt_)
+    partition_by = list(dt_.metadata().partition_columns)
+    file_schema = pa.schema([f for f in schema if f.name not in partition_by])
+    delta_dir = lake.delta_dir(table.name)
+    staging = lake.staging_root / f"compaction-{uuid.uuid4().hex[:12]}"
+    try:
+        written: list[WrittenFile] = []
+        for group in groups:
+            folder = group[0].folder
+            writer = _writer(staging / folder, file_schema, target_file_bytes)
+            try:
+                for part in _ordered([delta_dir / f.relpath for f in group], file_schema):
+                    writer.write(part)
+                new = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            written += _in_partition(new, folder, group[0].partition_values)
+        removed = [f for g in groups for f in g]
+        now_ms = int(time.time() * 1000)
+        actions: list[AddAction | RemoveAction] = []
+        for w in written:
+            lake_mod._link(staging / w.relpath, delta_dir / w.relpath)
+            actions.append(
+                AddAction(
+                    path=lake_mod.uri_path(w.relpath),
+                    size=w.size,
+                    partition_values=w.partition_values,
+                    modification_time=now_ms,
+                    data_change=False,
+                    stats=w.stats,
+                )
+            )
+        for f in removed:
+            actions.append(RemoveAction(lake_mod.uri_path(f.relpath), False, now_ms, f.size, f.partition_values))
+        dt_.create_write_transaction(
+            actions,
+            mode="append",
+            schema=schema,
+            partition_by=partition_by or None,
+            commit_properties=CommitProperties(
+                custom_metadata={"bronze.operation": "compaction", "bronze.run_id": run_id}
+            ),
+        )
+        dt_.update_incremental()
+        version = dt_.version()
+        lake.mirror_parquet(
+            lake_mod.DeltaCommit(table.name, version, [w.relpath for w in written], [f.relpath for f in removed])
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        lake.remove_empty_staging()
+    result.partitions_compacted = len(groups)
+    result.delta_version = version
+    result.files_after = len(files) - len(removed) + len(written)
+    result.bytes_after = result.bytes_before - sum(f.size for f in removed) + sum(w.size for w in written)
+    return result
+
+
+def compact_lake(lake: Lake, tables: Iterable[Table], **kwargs: Any) -> list[CompactionResult]:
+    """``compact_table`` over every table of ``tables`` that has a Delta table."""
+    return [compact_table(lake, t, **kwargs) for t in tables if lake.delta_table(t.name) is not None]
+
+
+def vacuum_table(lake: Lake, table: str, *, retention_hours: float = 168.0, full: bool = False) -> list[str]:
+    """Delete the Delta table's files that it no longer references and that were removed more
+    than ``retention_hours`` ago (with ``full``, also files never referenced, such as those of a
+    commit that did not happen); return their paths. The Parquet dataset is untouched: its files
+    are hard links of the active ones. Like compaction, run it under the ingestion's run lock.
+    """
+    if retention_hours < 0:
+        raise ValueError(f"retention_hours must be >= 0, got {retention_hours}")
+    dt_ = lake.delta_table(table)
+    if dt_ is None:
+        return []
+    # The retention asked for is the policy: delta-rs's own minimum (7 days) would forbid the
+    # shorter ones a lake that nobody reads old versions of can afford.
+    return dt_.vacuum(
+        retention_hours=math.ceil(retention_hours),
+        dry_run=False,
+        enforce_retention_duration=False,
+        full=full,
+    )

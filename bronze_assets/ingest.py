@@ -223,10 +223,12 @@ class Session:
         )
         self.manifest = Manifest(settings.manifest, read_only=settings.dry_run, connector=self._connector)
         self.lake = Lake(settings.lake)
-        if not settings.dry_run:
-            self.lake.clear_staging()
-            for t in self.tables:
+        if not settings.dry_run and self.lake.staging_left_over():
+            # A run died part-way (its staging folder is still there): the Delta log is the
+            # truth, and the Parquet mirror is brought back in line with it.
+            for t in TABLES:
                 self.lake.reconcile(t.name)
+            self.lake.clear_staging()
         self.previous = self.manifest.rows()
         self.state = _State(self.previous)
 
@@ -278,6 +280,10 @@ class Session:
             # A path that held other content before gives those rows up.
             staged = Staged(source, table, outcome, self.run_id, checksum=checksum)
             staged.replace = bool(prev and prev.status in INGESTED)
+            if staged.replace and not settings.dry_run:
+                # The staging folder marks the withdrawal as under way until it is finished.
+                staged.folder = self.lake.staging_root / uuid.uuid4().hex[:12]
+                staged.folder.mkdir(parents=True)
             state.set(_manifest_row(source, outcome, checksum, self.run_id))
             self.say(f"{path}: duplicate of {original}")
             yield staged

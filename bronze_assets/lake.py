@@ -325,6 +325,9 @@ class Lake:
     def clear_staging(self) -> None:
         shutil.rmtree(self.staging_root, ignore_errors=True)
 
+    def staging_left_over(self) -> bool:
+        return self.staging_root.is_dir() and any(self.staging_root.iterdir())
+
     def remove_empty_staging(self) -> None:
         with contextlib.suppress(OSError):
             self.staging_root.rmdir()
