@@ -121,7 +121,7 @@ def compacted_files(lake: Lake, dt_: DeltaTable) -> list[OldFile]:
     return [f.old for f in _active(dt_) if f.name.startswith(COMPACTED_PREFIX)]
 
 
-def _in_partition(files: list[WrittenFile], folder: str, values: dict[str, str | None]) -> list[WrittenFile]:
+def _placed(files: list[WrittenFile], folder: str, values: dict[str, str | None]) -> list[WrittenFile]:
     """Files a writer put at the root of ``<dir>/<folder>``, with paths relative to ``<dir>``."""
     return [
         replace(f, relpath=f"{folder}/{f.relpath}" if folder else f.relpath, partition_values=dict(values))
@@ -191,7 +191,7 @@ def rewrite_without_source(
         except BaseException:
             writer.abort()
             raise
-        written += _in_partition(files, f.folder, f.partition_values)
+        written += _placed(files, f.folder, f.partition_values)
     return removed, written
 
 
@@ -309,7 +309,9 @@ def compact_table(
     dt_ = lake.delta_table(table.name)
     if dt_ is None:
         return result
-    lake.reconcile(table.name)
+    if lake.staging_left_over():
+        # A run died part-way: bring the Parquet mirror in line with the Delta log first.
+        lake.reconcile(table.name)
     files = _active(dt_)
     result.files_before = result.files_after = len(files)
     result.bytes_before = result.bytes_after = sum(f.size for f in files)
@@ -322,36 +324,76 @@ def compact_table(
     file_schema = pa.schema([f for f in schema if f.name not in partition_by])
     delta_dir = lake.delta_dir(table.name)
     staging = lake.staging_root / f"compaction-{uuid.uuid4().hex[:12]}"
+    removed = [f for group in groups for f in group]
+    committed = mirrored = False
     try:
-        written: list[WrittenFile] = []
-        for group in groups:
-            folder = group[0].folder
-            writer = _writer(staging / folder, file_schema, target_file_bytes)
-            try:
-                for part in _ordered([delta_dir / f.relpath for f in group], file_schema):
-                    writer.write(part)
-                new = writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            written += _in_partition(new, folder, group[0].partition_values)
-        removed = [f for g in groups for f in g]
-        now_ms = int(time.time() * 1000)
-        actions: list[AddAction | RemoveAction] = []
+        written = [w for group in groups for w in _coalesce(group, delta_dir, staging, file_schema, target_file_bytes)]
+        version = _commit(dt_, delta_dir, staging, written, removed, schema, partition_by, run_id)
+        committed = True
+        added = [w.relpath for w in written]
+        lake.mirror_parquet(lake_mod.DeltaCommit(table.name, version, added, [f.relpath for f in removed]))
+        mirrored = True
+    finally:
+        # Committed but not mirrored: the staging folder stays, so that the next run knows to
+        # reconcile the Parquet dataset with the Delta log (as after any run that died).
+        if mirrored or not committed:
+            shutil.rmtree(staging, ignore_errors=True)
+            lake.remove_empty_staging()
+    result.partitions_compacted = len(groups)
+    result.delta_version = version
+    result.files_after = len(files) - len(removed) + len(written)
+    result.bytes_after = result.bytes_before - sum(f.size for f in removed) + sum(w.size for w in written)
+    return result
+
+
+def _coalesce(
+    group: list[_Active], delta_dir: Path, staging: Path, schema: pa.Schema, target_file_bytes: int
+) -> list[WrittenFile]:
+    """One partition's small files rewritten, in order, as compacted files under ``staging``."""
+    folder = group[0].folder
+    writer = _writer(staging / folder, schema, target_file_bytes)
+    try:
+        for part in _ordered([delta_dir / f.relpath for f in group], schema):
+            writer.write(part)
+        new = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return _placed(new, folder, group[0].partition_values)
+
+
+def _commit(
+    dt_: DeltaTable,
+    delta_dir: Path,
+    staging: Path,
+    written: list[WrittenFile],
+    removed: list[_Active],
+    schema: pa.Schema,
+    partition_by: list[str],
+    run_id: str,
+) -> int:
+    """Link the new files into the Delta folder and commit them, and the removal of the old
+    ones, as one transaction that changes no data; return its version."""
+    now_ms = int(time.time() * 1000)
+    actions: list[AddAction | RemoveAction] = []
+    for w in written:
+        actions.append(
+            AddAction(
+                path=lake_mod.uri_path(w.relpath),
+                size=w.size,
+                partition_values=w.partition_values,
+                modification_time=now_ms,
+                data_change=False,
+                stats=w.stats,
+            )
+        )
+    for f in removed:
+        actions.append(RemoveAction(lake_mod.uri_path(f.relpath), False, now_ms, f.size, f.partition_values))
+    linked: list[Path] = []
+    try:
         for w in written:
             lake_mod._link(staging / w.relpath, delta_dir / w.relpath)
-            actions.append(
-                AddAction(
-                    path=lake_mod.uri_path(w.relpath),
-                    size=w.size,
-                    partition_values=w.partition_values,
-                    modification_time=now_ms,
-                    data_change=False,
-                    stats=w.stats,
-                )
-            )
-        for f in removed:
-            actions.append(RemoveAction(lake_mod.uri_path(f.relpath), False, now_ms, f.size, f.partition_values))
+            linked.append(delta_dir / w.relpath)
         dt_.create_write_transaction(
             actions,
             mode="append",
@@ -361,19 +403,16 @@ def compact_table(
                 custom_metadata={"bronze.operation": "compaction", "bronze.run_id": run_id}
             ),
         )
-        dt_.update_incremental()
-        version = dt_.version()
-        lake.mirror_parquet(
-            lake_mod.DeltaCommit(table.name, version, [w.relpath for w in written], [f.relpath for f in removed])
-        )
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        lake.remove_empty_staging()
-    result.partitions_compacted = len(groups)
-    result.delta_version = version
-    result.files_after = len(files) - len(removed) + len(written)
-    result.bytes_after = result.bytes_before - sum(f.size for f in removed) + sum(w.size for w in written)
-    return result
+    except Exception:
+        # Files the log does not reference would only wait for a full vacuum: unlink them,
+        # unless the commit went through after all (then carry on as if it had said so).
+        active = {f.relpath for f in _active(DeltaTable(str(delta_dir)))}
+        if not written or not all(w.relpath in active for w in written):
+            for path in linked:
+                lake_mod._remove(path)
+            raise
+    dt_.update_incremental()
+    return dt_.version()
 
 
 def compact_lake(lake: Lake, tables: Iterable[Table], **kwargs: Any) -> list[CompactionResult]:

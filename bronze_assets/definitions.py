@@ -52,7 +52,7 @@ def compact_and_vacuum(context: dg.OpExecutionContext, lake: LakeResource) -> No
         if lake_.delta_table(table.name) is None:
             continue
         result = compact_table(lake_, table, target_file_bytes=lake.target_file_mb << 20)
-        removed = vacuum_table(lake_, table)
+        removed = vacuum_table(lake_, table.name)
         context.log.info(f"{table.name}: {result}; vacuum removed {len(removed)} file(s)")
 
 

@@ -40,6 +40,9 @@ class RawSource:
     size: int
     mtime_ns: int
     compression: str | None = None
+    # The inode's change time: set by the kernel on every write, rename or copy, and never
+    # backdated (unlike mtime, which `cp -p`, `rsync -t` or `touch -d` carry over or set).
+    ctime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def discover(
         if min_file_age and now - st.st_mtime < min_file_age:
             too_new.append(rel)
             return
-        sources.append(RawSource(rel, table.name, fmt[0], path, st.st_size, st.st_mtime_ns, fmt[1]))
+        sources.append(RawSource(rel, table.name, fmt[0], path, st.st_size, st.st_mtime_ns, fmt[1], st.st_ctime_ns))
 
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
@@ -142,11 +145,11 @@ def _walk_table_dir(
             sub = here / d
             if table is not None and (sub / "_delta_log").is_dir():
                 rel = sub.relative_to(root).as_posix()
-                newest = _delta_log_mtime(sub)
+                newest, changed = _delta_log_times(sub)
                 if min_file_age and now - newest / 1e9 < min_file_age:
                     too_new.append(rel)
                 else:
-                    sources.append(RawSource(rel, table.name, "delta", sub, 0, newest))
+                    sources.append(RawSource(rel, table.name, "delta", sub, 0, newest, None, changed))
                 continue
             keep.append(d)
         dirnames[:] = keep
@@ -157,11 +160,13 @@ def _walk_table_dir(
             consider(path, path.relative_to(root).as_posix(), table)
 
 
-def _delta_log_mtime(table_dir: Path) -> int:
+def _delta_log_times(table_dir: Path) -> tuple[int, int]:
+    """The newest modification and change times in a Delta table's log (a commit adds a file)."""
     try:
-        return max((e.stat().st_mtime_ns for e in os.scandir(table_dir / "_delta_log")), default=0)
+        stats = [e.stat() for e in os.scandir(table_dir / "_delta_log")]
     except OSError:
-        return 0
+        return 0, 0
+    return max((s.st_mtime_ns for s in stats), default=0), max((s.st_ctime_ns for s in stats), default=0)
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import decimal
 import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterable
@@ -44,6 +46,12 @@ BUFFER_BYTES = 256 << 20
 MAX_OPEN_FILES = 512
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 STRING_STAT_CHARS = 32
+MAX_CHAR = "\U0010ffff"
+_WIDEST: dict[str, tuple[object, object]] = {
+    "string": ("", MAX_CHAR),
+    "large_string": ("", MAX_CHAR),
+    "double": (-sys.float_info.max, sys.float_info.max),
+}
 
 
 def source_id(src_path: str) -> str:
@@ -236,28 +244,55 @@ class PartitionedWriter:
         self._open.clear()
 
 
-def _stat_value(value: object) -> object | None:
-    if isinstance(value, bool) or value is None:
+def _bound(value: object, *, upper: bool) -> object | None:
+    """A statistic as Delta's JSON spells it, or None when there is none. Strings longer than
+    STRING_STAT_CHARS are cut, as Delta writers do (the log would otherwise carry whole values):
+    the prefix is still a lower bound, and ``_above_prefix`` gives an upper one."""
+    if value is None:
         return None
-    if isinstance(value, int):
+    if isinstance(value, bool | int):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if isinstance(value, decimal.Decimal):
+        return _decimal_bound(value, upper=upper)
     if isinstance(value, dt.datetime):
         if value.tzinfo is not None:
             value = value.astimezone(dt.UTC).replace(tzinfo=None)
         return value.isoformat(timespec="microseconds") + "Z"
     if isinstance(value, dt.date):
         return value.isoformat()
-    if isinstance(value, str) and len(value) < STRING_STAT_CHARS:
-        return value  # short enough that no writer truncated it: exact, so safe for pruning
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        if len(value) <= STRING_STAT_CHARS or not upper:
+            return value[:STRING_STAT_CHARS]
+        return _above_prefix(value)
     return None
+
+
+def _above_prefix(value: str) -> str:
+    """The shortest string made from ``value``'s first STRING_STAT_CHARS characters that sorts
+    after every string starting with them: the last one that can be is moved up a code point."""
+    prefix = value[:STRING_STAT_CHARS]
+    for i in range(len(prefix) - 1, -1, -1):
+        code = ord(prefix[i]) + 1
+        if code <= 0x10FFFF:
+            if 0xD800 <= code <= 0xDFFF:
+                code = 0xE000  # surrogates are not characters
+            return prefix[:i] + chr(code)
+    return value  # only the highest code point: no shorter upper bound exists
 
 
 def file_stats(meta: pq.FileMetaData, rows: int) -> str:
     """Delta ``stats`` of a file from its Parquet footer: row count, null counts, and min/max for
-    numbers, dates, timestamps and short strings (long strings and decimals are left out rather
-    than approximated)."""
+    every column that has values.
+
+    Every column gets its bounds, because delta-rs's pyarrow dataset turns a missing min or max
+    into a comparison with null and then skips the file on any filter over that column. A string
+    column whose footer has no min/max (values over the Parquet writer's statistics size) gets
+    the widest bounds instead.
+    """
     nulls: dict[str, int] = {}
     mins: dict[str, object] = {}
     maxs: dict[str, object] = {}
@@ -266,26 +301,48 @@ def file_stats(meta: pq.FileMetaData, rows: int) -> str:
         total_nulls = 0
         lo: object | None = None
         hi: object | None = None
-        usable = True
+        counted = True
+        bounded = True
         for g in range(meta.num_row_groups):
-            st = meta.row_group(g).column(i).statistics
-            if st is None:
-                usable = False
+            col = meta.row_group(g).column(i)
+            st = col.statistics
+            if st is None or not st.has_null_count:
+                counted = bounded = False
                 break
-            total_nulls += st.null_count or 0
-            if st.has_min_max:
-                a, b = _stat_value(st.min), _stat_value(st.max)
-                if a is None or b is None:
-                    usable = False
+            total_nulls += st.null_count
+            if st.null_count == col.num_values:
+                continue  # only nulls: no bound needed
+            a = _bound(st.min, upper=False) if st.has_min_max else None
+            b = _bound(st.max, upper=True) if st.has_min_max else None
+            if a is None or b is None:
+                widest = _WIDEST.get(str(f.type))
+                if widest is None:
+                    bounded = False
                     continue
-                lo = a if lo is None or a < lo else lo  # type: ignore[operator]
-                hi = b if hi is None or b > hi else hi  # type: ignore[operator]
-        if not usable:
+                a, b = widest
+            lo = a if lo is None or a < lo else lo  # type: ignore[operator]
+            hi = b if hi is None or b > hi else hi  # type: ignore[operator]
+        if not counted:
             continue
         nulls[f.name] = total_nulls
-        if lo is not None and not pa.types.is_decimal(f.type):
+        if bounded and lo is not None:
             mins[f.name], maxs[f.name] = lo, hi
-    return json.dumps({"numRecords": rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
+    return json.dumps({"numRecords": rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls}, ensure_ascii=False)
+
+
+def _decimal_bound(value: decimal.Decimal, *, upper: bool) -> float | None:
+    """Delta's JSON holds decimal statistics as numbers: a float whose shortest text is the
+    decimal's own digits (any decimal of up to 15 significant digits), else the next float on
+    the safe side."""
+    if not value.is_finite():
+        return None
+    bound = float(value)
+    text = decimal.Decimal(repr(bound))
+    if upper and text < value:
+        bound = math.nextafter(bound, math.inf)
+    elif not upper and text > value:
+        bound = math.nextafter(bound, -math.inf)
+    return bound
 
 
 def _link(src: Path, dst: Path) -> None:

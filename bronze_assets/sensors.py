@@ -1,19 +1,24 @@
 """Sensors: one per table. They only discover (file names, sizes, modification times; never file
 contents, never the manifest), register new sources as partitions and request runs for new or
-changed ones. The cursor is a modification-time watermark, so a tick costs one directory walk
-whatever the number of files already ingested."""
+changed ones. The cursor is a change-time watermark, so a tick costs one directory walk whatever
+the number of files already ingested."""
 
 import json
 import time
+from pathlib import Path
 
 import dagster as dg
 
 from bronze_assets.assets import partitions_for, partitions_name
-from bronze_assets.discovery import discover
+from bronze_assets.discovery import RawSource, discover
 from bronze_assets.resources import LakeResource
 from schemas.schemas import Table
 
 MAX_RUNS_PER_TICK = 500
+
+
+def _order(source: RawSource) -> tuple[int, str]:
+    return (source.ctime_ns, source.src_path)
 
 
 def evaluate(
@@ -24,16 +29,34 @@ def evaluate(
     cursor: str | None,
     now: float | None = None,
 ) -> tuple[list[str], list[dg.RunRequest], str, list[str]]:
-    """(new partition keys, run requests, new cursor, sources still being written)."""
-    from pathlib import Path
+    """(new partition keys, run requests, new cursor, sources still being written).
 
+    The cursor is the position, in (change time, src_path) order, up to which every source has
+    been requested. A source is due when it is not yet a partition or changed after that
+    position. The change time (ctime) moves on any write, rename or copy, even one that keeps
+    an older modification time, so a replaced file is never missed; ordering ties by path lets
+    a tick stop after MAX_RUNS_PER_TICK sources and the next one carry on. The position never
+    passes a source still being written (modified in the last ``settle_seconds``), so that one
+    is taken once it settles, whatever its change time.
+    """
     now = time.time() if now is None else now
     state = json.loads(cursor) if cursor else {}
-    watermark = int(state.get("watermark_ns", 0))
-    found = discover(Path(lake.raw), [table], min_file_age=lake.settle_seconds, now=now)
-    waiting = [p for p in found.too_new]
-    due = [s for s in found.sources if s.src_path not in registered or s.mtime_ns > watermark]
-    due.sort(key=lambda s: (s.mtime_ns, s.src_path))
+    position = (int(state.get("ctime_ns", 0)), str(state.get("path", "")))
+    found = discover(Path(lake.raw), [table])
+    settle_ns = int(lake.settle_seconds * 1e9)
+    now_ns = int(now * 1e9)
+    # A modification time further in the future than the settle time is a wrong clock, not a
+    # write in progress: waiting for it would hold every later source back for good.
+    waiting = [s for s in found.sources if -settle_ns < now_ns - s.mtime_ns < settle_ns]
+    horizon = min((_order(s) for s in waiting), default=None)
+    due = [
+        s
+        for s in found.sources
+        if (s.src_path not in registered or _order(s) > position)
+        and s not in waiting
+        and (horizon is None or _order(s) < horizon)
+    ]
+    due.sort(key=_order)
     due = due[:MAX_RUNS_PER_TICK]
     new_keys = [s.src_path for s in due if s.src_path not in registered]
     requests = [
@@ -45,8 +68,9 @@ def evaluate(
         for s in due
     ]
     if due:
-        watermark = max(watermark, max(s.mtime_ns for s in due))
-    return new_keys, requests, json.dumps({"watermark_ns": watermark}), waiting
+        position = max(position, _order(due[-1]))
+    cursor_out = json.dumps({"ctime_ns": position[0], "path": position[1]})
+    return new_keys, requests, cursor_out, sorted(s.src_path for s in waiting)
 
 
 def build_sensor(table: Table, asset: dg.AssetsDefinition) -> dg.SensorDefinition:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
@@ -406,3 +407,37 @@ def test_awkward_file_name_loads_reruns_and_replaces(lake_run, src_path):
         ).fetchall()
     assert count == 1
     assert os.listdir(lr.raw) == [src_path.split("/")[0]]  # the raw file is never moved
+
+
+# ------------------------------------------------------------------------------------------
+# Delta statistics: any filter finds every row
+# ------------------------------------------------------------------------------------------
+
+
+def test_delta_filters_on_any_column_find_every_matching_row(lake_run):
+    # A long source name, long strings and decimals: columns whose statistics a writer might
+    # leave out, which makes delta-rs's pyarrow dataset skip the file on any filter over them.
+    long_name = "orders/orders_" + "x" * 60 + "_2024-01-02.csv"
+    long_text = "a very long payment method name, longer than thirty-two characters " * 3
+    lr = lake_run(
+        {
+            long_name: orders_csv(
+                order(order_id=1, payment_method=long_text, discount_pct=""),
+                order(order_id=2, unit_price="12.34", order_dt="2024-01-03"),
+                order(order_id=3, payment_method="\U0010ffff" * 40),
+            ),
+            "products.csv": products_csv(product(product_id=1, is_discontinued="yes"), product(product_id=2)),
+        }
+    )
+    for name in ("orders", "products"):
+        dt_ = DeltaTable(str(lr.delta_dir(name)))
+        everything = dt_.to_pyarrow_table()
+        assert everything.num_rows >= 2
+        for column in everything.column_names:
+            for value in everything.column(column).unique().to_pylist():
+                expected = sum(v == value for v in everything.column(column).to_pylist()) if value is not None else None
+                flt = pads.field(column).is_null() if value is None else pads.field(column) == value
+                got = dt_.to_pyarrow_dataset().to_table(filter=flt).num_rows
+                if expected is None:
+                    expected = everything.column(column).null_count
+                assert got == expected, (name, column, value)
