@@ -35,9 +35,11 @@ from deltalake import CommitProperties, DeltaTable
 from deltalake.transaction import AddAction, RemoveAction
 
 from bronze_assets import lake as lake_mod
+from bronze_assets.lake import Lake
 
 if TYPE_CHECKING:
-    from bronze_assets.lake import Lake, WrittenFile
+    from bronze_assets.lake import WrittenFile
+    from bronze_assets.staging import Settings
     from schemas.schemas import Table
 
 COMPACTED_PREFIX = "compacted-"
@@ -319,10 +321,60 @@ def compact_table(
     if not groups:
         return result
 
+    version, written = _rewrite(lake, table.name, dt_, groups, target_file_bytes=target_file_bytes, run_id=run_id)
+    removed = [f for group in groups for f in group]
+    result.partitions_compacted = len(groups)
+    result.delta_version = version
+    result.files_after = len(files) - len(removed) + len(written)
+    result.bytes_after = result.bytes_before - sum(f.size for f in removed) + sum(w.size for w in written)
+    return result
+
+
+def conform_table(lake: Lake, table: Table, *, run_id: str = "") -> int | None:
+    """Rewrite the active files that lack some of the table's columns (columns added to it by
+    schema evolution after they were written), so that every Parquet file carries the whole
+    schema: readers that take a dataset's schema from one file then see every column. One
+    commit that changes no data; returns its version (None when every file is complete)."""
+    dt_ = lake.delta_table(table.name)
+    if dt_ is None:
+        return None
+    partition_by = set(dt_.metadata().partition_columns)
+    wanted = [f.name for f in lake.table_schema(dt_) if f.name not in partition_by]
+    actions = pa.table(dt_.get_add_actions(flatten=False))
+    if actions.num_rows == 0:
+        return None
+    counted = actions.column("null_count").to_pylist() if "null_count" in actions.column_names else []
+    lacking = {
+        urllib.parse.unquote(str(path))
+        for path, counts in zip(actions.column("path").to_pylist(), counted, strict=True)
+        if any((counts or {}).get(c) is None for c in wanted)
+    }
+    if not lacking:
+        return None
+    by_partition: dict[tuple[tuple[str, str | None], ...], list[_Active]] = {}
+    for f in _active(dt_):
+        if f.relpath in lacking:
+            by_partition.setdefault(tuple(sorted(f.partition_values.items())), []).append(f)
+    groups = [sorted(g, key=lambda f: f.relpath) for _, g in sorted(by_partition.items())]
+    version, _ = _rewrite(lake, table.name, dt_, groups, target_file_bytes=lake_mod.TARGET_FILE_BYTES, run_id=run_id)
+    return version
+
+
+def _rewrite(
+    lake: Lake,
+    table: str,
+    dt_: DeltaTable,
+    groups: list[list[_Active]],
+    *,
+    target_file_bytes: int,
+    run_id: str,
+) -> tuple[int, list[WrittenFile]]:
+    """Rewrite each group of one partition's files as compacted files with the table's whole
+    schema, in one Delta commit that changes no data, and make the Parquet dataset follow it."""
     schema = lake.table_schema(dt_)
     partition_by = list(dt_.metadata().partition_columns)
     file_schema = pa.schema([f for f in schema if f.name not in partition_by])
-    delta_dir = lake.delta_dir(table.name)
+    delta_dir = lake.delta_dir(table)
     staging = lake.staging_root / f"compaction-{uuid.uuid4().hex[:12]}"
     removed = [f for group in groups for f in group]
     committed = mirrored = False
@@ -331,7 +383,7 @@ def compact_table(
         version = _commit(dt_, delta_dir, staging, written, removed, schema, partition_by, run_id)
         committed = True
         added = [w.relpath for w in written]
-        lake.mirror_parquet(lake_mod.DeltaCommit(table.name, version, added, [f.relpath for f in removed]))
+        lake.mirror_parquet(lake_mod.DeltaCommit(table, version, added, [f.relpath for f in removed]))
         mirrored = True
     finally:
         # Committed but not mirrored: the staging folder stays, so that the next run knows to
@@ -339,11 +391,7 @@ def compact_table(
         if mirrored or not committed:
             shutil.rmtree(staging, ignore_errors=True)
             lake.remove_empty_staging()
-    result.partitions_compacted = len(groups)
-    result.delta_version = version
-    result.files_after = len(files) - len(removed) + len(written)
-    result.bytes_after = result.bytes_before - sum(f.size for f in removed) + sum(w.size for w in written)
-    return result
+    return version, written
 
 
 def _coalesce(
@@ -439,3 +487,53 @@ def vacuum_table(lake: Lake, table: str, *, retention_hours: float = 168.0, full
         enforce_retention_duration=False,
         full=full,
     )
+
+
+@dataclass
+class MaintenanceResult:
+    """What ``maintain`` did to one table: compaction of the bronze table and, for an upserted
+    table, of its history; the files vacuum deleted from both."""
+
+    table: str
+    compaction: CompactionResult
+    history: CompactionResult | None = None
+    conformed_version: int | None = None
+    vacuumed: int = 0
+
+
+def maintain(
+    settings: Settings,
+    tables: Iterable[Table],
+    *,
+    retention_hours: float = 168.0,
+    run_id: str = "",
+) -> list[MaintenanceResult]:
+    """The maintenance job: under the ingestion's run lock (so no run publishes meanwhile),
+    finish what a dead run left, then per table rewrite files lacking evolved columns, coalesce
+    small files toward ``settings.target_file_bytes`` and vacuum files removed more than
+    ``retention_hours`` ago; upserted tables get the same for their history."""
+    from bronze_assets.ingest import run_lock
+
+    results = []
+    lake = Lake(settings.lake)
+    with run_lock(settings):
+        if lake.staging_left_over():
+            for table in tables:
+                lake.reconcile(table.name)
+            lake.clear_staging()
+        for table in tables:
+            if lake.delta_table(table.name) is None:
+                continue
+            conformed = conform_table(lake, table, run_id=run_id) if table.new_columns == "add" else None
+            result = MaintenanceResult(
+                table.name,
+                compact_table(lake, table, target_file_bytes=settings.target_file_bytes, run_id=run_id),
+                conformed_version=conformed,
+            )
+            result.vacuumed = len(vacuum_table(lake, table.name, retention_hours=retention_hours))
+            if table.write_mode == "upsert" and lake.history.delta_table(table.name) is not None:
+                history = lake.history
+                result.history = compact_table(history, table, target_file_bytes=settings.target_file_bytes, run_id=run_id)
+                result.vacuumed += len(vacuum_table(history, table.name, retention_hours=retention_hours))
+            results.append(result)
+    return results

@@ -13,7 +13,6 @@ import dagster as dg
 from bronze_assets.assets import build_table_asset, partitions_name
 from bronze_assets.discovery import discover
 from bronze_assets.io_managers import DeltaIOManager, ParquetIOManager
-from bronze_assets.lake import Lake
 from bronze_assets.resources import LakeResource, ManifestResource
 from bronze_assets.sensors import build_sensor
 from schemas.schemas import TABLES
@@ -43,17 +42,20 @@ def register_raw_sources_job() -> None:
     register_raw_sources()
 
 
-@dg.op(description="Coalesce small files in both outputs and vacuum unreferenced Delta files.")
-def compact_and_vacuum(context: dg.OpExecutionContext, lake: LakeResource) -> None:
-    from bronze_assets.compaction import compact_table, vacuum_table
+@dg.op(
+    description="Coalesce small files in both outputs (and upserted tables' history), vacuum Delta.",
+    pool="manifest",
+)
+def compact_and_vacuum(context: dg.OpExecutionContext, lake: LakeResource, manifest: ManifestResource) -> None:
+    from bronze_assets.compaction import maintain
 
-    lake_ = Lake(Path(lake.lake))
-    for table in TABLES:
-        if lake_.delta_table(table.name) is None:
-            continue
-        result = compact_table(lake_, table, target_file_bytes=lake.target_file_mb << 20)
-        removed = vacuum_table(lake_, table.name)
-        context.log.info(f"{table.name}: {result}; vacuum removed {len(removed)} file(s)")
+    settings = lake.settings(manifest=manifest.database)
+    for result in maintain(settings, TABLES, run_id=context.run.run_id):
+        c = result.compaction
+        context.log.info(
+            f"{result.table}: {c.files_before} -> {c.files_after} files, {c.partitions_compacted} partition(s)"
+            f" compacted, {result.vacuumed} file(s) vacuumed"
+        )
 
 
 @dg.job(description="Compaction: small files coalesced toward the target size, Delta vacuumed.")

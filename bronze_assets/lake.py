@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
 from deltalake.transaction import AddAction, RemoveAction
 
+from bronze_assets.readers import normalize_schema
 from bronze_assets.validation import REJECT_SCHEMA
 
 TARGET_FILE_BYTES = 128 << 20
@@ -356,11 +357,37 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def _mirror_file(src: Path, dst: Path) -> None:
+    """Put a Delta data file into the Parquet dataset: a hard link of the very file, unless its
+    embedded Arrow schema holds types other than the declared ones (delta-rs's MERGE writes
+    string columns as ``string_view``), in which case the dataset gets a copy with the declared
+    types (the same rows and values; written aside, then renamed into place)."""
+    schema = pq.read_schema(src)
+    plain = normalize_schema(schema)
+    if plain.equals(schema, check_metadata=False):
+        _link(src, dst)
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    pf = pq.ParquetFile(src)
+    with pq.ParquetWriter(tmp, plain.remove_metadata(), compression="snappy") as writer:
+        for g in range(pf.num_row_groups):
+            writer.write_table(pf.read_row_group(g).cast(plain.remove_metadata()))
+    os.replace(tmp, dst)
+
+
 class Lake:
     """Paths and publishing for one lake root."""
 
+    mirrored = True  # every Delta table has its Parquet dataset
+
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    @property
+    def history(self) -> HistoryLake:
+        """Where upserted tables keep every valid record, by source (see ``upsert.py``)."""
+        return HistoryLake(self.root / "_history")
 
     def parquet_dir(self, table: str) -> Path:
         return self.root / "bronze" / "parquet" / table
@@ -401,7 +428,8 @@ class Lake:
             return existing
         path = self.delta_dir(table)
         path.mkdir(parents=True, exist_ok=True)
-        self.parquet_dir(table).mkdir(parents=True, exist_ok=True)
+        if self.mirrored:
+            self.parquet_dir(table).mkdir(parents=True, exist_ok=True)
         return DeltaTable.create(str(path), schema, mode="ignore", partition_by=list(partition_by) or None)
 
     def source_files(self, dt_: DeltaTable, src_path: str) -> list[tuple[str, int, dict[str, str | None]]]:
@@ -479,11 +507,26 @@ class Lake:
         dt_.update_incremental()
         return DeltaCommit(table, dt_.version(), [f.relpath for f in files], [p for p, _, _ in old])
 
+    def commit_actions(self, table: str, version: int) -> DeltaCommit:
+        """What the Delta commit ``version`` of ``table`` added and removed (paths relative to the
+        table folder), read from its log entry."""
+        added: list[str] = []
+        removed: list[str] = []
+        log = self.delta_dir(table) / "_delta_log" / f"{version:020d}.json"
+        with open(log, encoding="utf-8") as fh:
+            for line in fh:
+                action = json.loads(line)
+                if "add" in action:
+                    added.append(urllib.parse.unquote(action["add"]["path"]))
+                elif "remove" in action:
+                    removed.append(urllib.parse.unquote(action["remove"]["path"]))
+        return DeltaCommit(table, version, added, removed)
+
     def mirror_parquet(self, commit: DeltaCommit) -> None:
         """Make the Parquet dataset follow a Delta commit: link its new files, drop its removed ones."""
         parquet_dir, delta_dir = self.parquet_dir(commit.table), self.delta_dir(commit.table)
         for rel in commit.added:
-            _link(delta_dir / rel, parquet_dir / rel)
+            _mirror_file(delta_dir / rel, parquet_dir / rel)
         for rel in commit.removed:
             _remove(parquet_dir / rel)
 
@@ -534,9 +577,25 @@ class Lake:
                         _remove(pdir / rel)
                         fixed += 1
         for rel in active - present:
-            _link(self.delta_dir(table) / rel, pdir / rel)
+            _mirror_file(self.delta_dir(table) / rel, pdir / rel)
             fixed += 1
         return fixed
+
+
+class HistoryLake(Lake):
+    """Delta tables without a Parquet dataset, at ``<root>/<table>``: the history of upserted
+    tables. Publishing, compaction and vacuum work on it as on the lake itself."""
+
+    mirrored = False
+
+    def delta_dir(self, table: str) -> Path:
+        return self.root / table
+
+    def mirror_parquet(self, commit: DeltaCommit) -> None:
+        return None
+
+    def reconcile(self, table: str) -> int:
+        return 0
 
 
 def uri_path(relpath: str) -> str:

@@ -29,6 +29,7 @@ from bronze_assets.lake import (
     source_id,
 )
 from bronze_assets.readers import Reading, open_source
+from bronze_assets.upsert import commit_upsert
 from bronze_assets.validation import Validator, added_columns, output_schema, rejects_for_file
 from schemas.schemas import Table, ValidationMode
 
@@ -176,31 +177,40 @@ def stage_source(
 
 
 def commit_staged(lake: Lake, staged: Staged) -> None:
-    """The Delta half of publishing: one commit replacing the source's rows with its files.
+    """The Delta half of publishing: one commit replacing the source's rows with its files (for
+    an upserted table, its records in the history, then a MERGE of the new winners).
     A strict-mode failure loads nothing and withdraws what the source held before."""
     if not staged.replace:
         return
     failed = staged.outcome.status == "failed"
-    if failed and lake.delta_table(staged.table.name) is None:
+    table = staged.table
+    upsert = table.write_mode == "upsert"
+    if failed and (lake.history if upsert else lake).delta_table(table.name) is None:
         return
-    files = [] if failed else staged.files
-    staged.commit = lake.commit_delta(
-        table=staged.table.name,
-        src_path=staged.source.src_path,
-        schema=staged.schema if staged.schema is not None and not failed else output_schema(staged.table),
-        partition_by=staged.table.partition_by,
-        staged_dir=staged.data_dir if staged.folder is not None else lake.staging_root,
-        files=files,
-        run_id=staged.run_id,
-    )
+    kwargs = {
+        "src_path": staged.source.src_path,
+        "schema": staged.schema if staged.schema is not None and not failed else output_schema(table),
+        "staged_dir": staged.data_dir if staged.folder is not None else lake.staging_root,
+        "files": [] if failed else staged.files,
+        "run_id": staged.run_id,
+    }
+    if upsert:
+        staged.commit = commit_upsert(lake, table, **kwargs)  # type: ignore[arg-type]
+    else:
+        staged.commit = lake.commit_delta(table=table.name, partition_by=table.partition_by, **kwargs)  # type: ignore[arg-type]
     if staged.commit is not None:
         staged.outcome.delta_version = staged.commit.version
 
 
 def mirror_staged(lake: Lake, staged: Staged) -> None:
-    """The Parquet half of publishing: follow the Delta commit."""
+    """The Parquet half of publishing: follow the Delta commit. After a MERGE that added
+    columns, the files that lack them are rewritten (see ``conform_table``)."""
     if staged.commit is not None:
         lake.mirror_parquet(staged.commit)
+        if staged.table.write_mode == "upsert" and staged.table.new_columns == "add":
+            from bronze_assets.compaction import conform_table
+
+            conform_table(lake, staged.table, run_id=staged.run_id)
 
 
 def publish_delta(lake: Lake, staged: Staged) -> None:

@@ -1,0 +1,193 @@
+"""Upserted tables (``write_mode = "upsert"``, returns): for each key, the latest record wins.
+
+Every valid record of an upserted table is kept, by source, in a history Delta table under
+``<lake>/_history/<table>/``, published exactly as an appended table's sources are (one commit
+replaces a source's files). The bronze table is the latest-wins view of that history: after a
+source's history commit, the winners of every key the source touches (in its new records and in
+those it held before) are computed with DuckDB and MERGEd into the bronze Delta table, which the
+Parquet dataset then follows. Since winners are always taken from the whole history, a source that
+changes, is withdrawn (a strict-mode failure, a path that became a duplicate) or is ingested again
+after a crash leaves the table exactly as one clean run over the same sources would.
+
+The winner of a key has the latest ``order_by`` value (``updated_at``); ties go to the source
+ingested last (``ingestion_ts``: sources are ingested one by one, in ``src_path`` order within a
+run, then Delta source versions in order), then to the later record in it. A record whose
+``op_column`` is ``D`` is a tombstone: it wins like any other and is stored with
+``is_deleted = true`` (the flag and ``deleted_at`` are set in validation). A key whose every record
+is gone from the history is deleted from the bronze table.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
+from deltalake import CommitProperties, DeltaTable, Transaction
+
+from bronze_assets.lake import DeltaCommit, Lake, WrittenFile
+from bronze_assets.readers import normalize_schema
+from schemas.schemas import Table
+
+BATCH_ROWS = 131_072
+DUCKDB_MEMORY = "1GB"
+_GONE = "src_filename"  # null in a merge source row only when its key has no record left
+
+
+def app_id(table: str) -> str:
+    """The application id under which a bronze table's merges record the history version they
+    brought in (``DeltaTable.transaction_version``)."""
+    return f"bronze.history.{table}"
+
+
+def commit_upsert(
+    lake: Lake,
+    table: Table,
+    *,
+    src_path: str,
+    schema: pa.Schema,
+    staged_dir: Path,
+    files: list[WrittenFile],
+    run_id: str,
+) -> DeltaCommit | None:
+    """Replace ``src_path``'s records in the history of ``table`` with ``files``, then merge the
+    new winners of the keys concerned into the bronze Delta table. Returns the bronze commit
+    (None when the bronze table did not change)."""
+    history = lake.history
+    if not files and history.delta_table(table.name) is None:
+        return None
+    h = history.commit_delta(
+        table=table.name,
+        src_path=src_path,
+        schema=schema,
+        partition_by=(),
+        staged_dir=staged_dir,
+        files=files,
+        run_id=run_id,
+    )
+    if h is None:
+        return None
+    hdir = history.delta_dir(table.name)
+    touched = [hdir / p for p in (*h.added, *h.removed)]
+    return merge_winners(lake, table, touched=touched, history_version=h.version, src_path=src_path, run_id=run_id)
+
+
+def merge_winners(
+    lake: Lake,
+    table: Table,
+    *,
+    touched: Sequence[Path],
+    history_version: int,
+    src_path: str,
+    run_id: str,
+) -> DeltaCommit | None:
+    """MERGE into the bronze table the winners of the keys found in the history files
+    ``touched``, where they differ from the rows it holds, and delete the keys left with no
+    record."""
+    history = lake.history
+    hdt = history.delta_table(table.name)
+    assert hdt is not None
+    schema = normalize_schema(lake.table_schema(hdt))
+    hdir = history.delta_dir(table.name)
+    history_files = [str(hdir / p) for p, _, _ in history.active_files(hdt)]
+    bronze = lake.ensure_delta(table.name, schema, ())
+    bdir = lake.delta_dir(table.name)
+    bronze_files = [str(bdir / p) for p, _, _ in lake.active_files(bronze)]
+    key = list(table.key)
+    tmp = lake.staging_root / f"merge-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY, "temp_directory": str(tmp)})
+    try:
+        changes = _changes(con, table, schema, key, [str(p) for p in touched], history_files, bronze_files)
+        first = next(changes, None)
+        if first is None:
+            _add_new_columns(lake, bronze, schema)
+            return None
+        reader = pa.RecordBatchReader.from_batches(schema, _chain(first, changes))
+        on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
+        props = CommitProperties(
+            app_transactions=[Transaction(app_id=app_id(table.name), version=history_version)],
+            custom_metadata={"bronze.src_path": src_path, "bronze.run_id": run_id, "bronze.operation": "upsert"},
+        )
+        (
+            bronze.merge(reader, predicate=on, source_alias="s", target_alias="t", merge_schema=True, commit_properties=props)
+            .when_matched_delete(predicate=f"s.{_q(_GONE)} IS NULL")
+            .when_matched_update_all(predicate=f"s.{_q(_GONE)} IS NOT NULL")
+            .when_not_matched_insert_all(predicate=f"s.{_q(_GONE)} IS NOT NULL")
+            .execute()
+        )
+    finally:
+        con.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    bronze.update_incremental()
+    return lake.commit_actions(table.name, bronze.version())
+
+
+def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    yield first
+    yield from rest
+
+
+def _changes(
+    con: duckdb.DuckDBPyConnection,
+    table: Table,
+    schema: pa.Schema,
+    key: list[str],
+    touched: list[str],
+    history_files: list[str],
+    bronze_files: list[str],
+) -> Iterator[pa.RecordBatch]:
+    """The merge source, in batches of ``schema``: each key's winner where the bronze table does
+    not already hold that very record, then a row of only the key (``src_filename`` null) for
+    each key the bronze table holds that has no record left."""
+    keys = ", ".join(_q(k) for k in key)
+    identity = [*key, "src_filename", "src_row_number", "ingestion_ts"]
+    con.register("touched", _dataset(touched, pa.schema([schema.field(k) for k in key])))
+    con.register("history", _dataset(history_files, schema))
+    con.register("bronze", _dataset(bronze_files, pa.schema([schema.field(c) for c in identity])))
+    assert table.order_by is not None
+    order = f"{_q(table.order_by)} DESC, ingestion_ts DESC, src_row_number DESC, src_filename DESC"
+    # DuckDB only picks the rows (the latest record per key); delta-rs's MERGE applies them.
+    con.execute(f"CREATE TEMP TABLE keys AS SELECT DISTINCT {keys} FROM touched")
+    con.execute(
+        f"""CREATE TEMP VIEW winners AS
+            SELECT * FROM history SEMI JOIN keys USING ({keys})
+            QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1"""
+    )
+    con.execute(f"CREATE TEMP TABLE held AS SELECT * FROM bronze SEMI JOIN keys USING ({keys})")
+    same = " AND ".join(f"w.{_q(c)} IS NOT DISTINCT FROM h.{_q(c)}" for c in identity)
+    columns = ", ".join(f"w.{_q(f.name)}" for f in schema)
+    changed = con.sql(f"SELECT {columns} FROM winners w ANTI JOIN held h ON {same}").to_arrow_reader(BATCH_ROWS)
+    for batch in changed:
+        if batch.num_rows:
+            yield _conform(batch, schema)
+    gone = con.sql(f"SELECT {keys} FROM held ANTI JOIN winners USING ({keys})").to_arrow_table()
+    if gone.num_rows:
+        n = gone.num_rows
+        arrays = [gone.column(f.name).cast(f.type) if f.name in key else pa.nulls(n, f.type) for f in schema]
+        yield from pa.Table.from_arrays(arrays, schema=schema).to_batches(BATCH_ROWS)
+
+
+def _dataset(files: list[str], schema: pa.Schema) -> pads.Dataset:
+    """The files as one dataset of ``schema`` (columns a file lacks read as null)."""
+    if not files:
+        return pads.dataset(schema.empty_table())
+    return pads.dataset(files, schema=schema, format="parquet")
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([batch.column(i).cast(f.type) for i, f in enumerate(schema)], schema=schema)
+
+
+def _add_new_columns(lake: Lake, bronze: DeltaTable, schema: pa.Schema) -> None:
+    """Columns the history gained although no winner carries them yet: added to the bronze table
+    all the same (a MERGE adds them itself when it has rows)."""
+    lake._add_new_columns(bronze, schema)
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
