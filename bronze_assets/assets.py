@@ -95,6 +95,10 @@ def build_table_asset(table: Table) -> dg.AssetsDefinition:
         dg.AssetCheckSpec("audit_columns_complete", asset=dkey, description="No null audit value in the rows written."),
         dg.AssetCheckSpec("parquet_matches_delta", asset=pkey, description="Parquet and Delta hold the same rows."),
     ]
+    if table.key:
+        check_specs.append(
+            dg.AssetCheckSpec("one_row_per_key", asset=dkey, description=f"One row per {', '.join(table.key)}.")
+        )
 
     @dg.multi_asset(
         name=f"bronze_{table.name}",
@@ -146,12 +150,14 @@ def build_table_asset(table: Table) -> dg.AssetsDefinition:
 def _check_results(table: Table, lake: Lake, outcomes: list[Outcome]) -> Iterator[dg.AssetCheckResult]:
     touched = [o.src_path for o in outcomes if o.status in ("success", "rejected")]
     dkey, pkey = delta_key(table), parquet_key(table)
-    runs = (
+    runs: list[tuple[str, dg.AssetKey, dg.AssetCheckSeverity, tuple[bool, dict[str, object]]]] = [
         ("schema_conforms", dkey, dg.AssetCheckSeverity.ERROR, checks.schema_conforms(lake, table)),
         ("reject_rate", dkey, dg.AssetCheckSeverity.WARN, checks.reject_rate(table, outcomes)),
         ("audit_columns_complete", dkey, dg.AssetCheckSeverity.ERROR, checks.audit_complete(lake, table, touched)),
         ("parquet_matches_delta", pkey, dg.AssetCheckSeverity.ERROR, checks.outputs_identical(lake, table, touched)),
-    )
+    ]
+    if table.key:
+        runs.append(("one_row_per_key", dkey, dg.AssetCheckSeverity.ERROR, checks.one_row_per_key(lake, table)))
     for name, key, severity, (passed, evidence) in runs:
         yield dg.AssetCheckResult(
             check_name=name, asset_key=key, passed=passed, severity=severity, metadata=_as_metadata(evidence)

@@ -111,6 +111,23 @@ def audit_complete(lake: Lake, table: Table, src_paths: Sequence[str]) -> tuple[
     return passed, {"rows_checked": rows.num_rows, "null_counts": nulls, "malformed_row_hashes": bad_hash}
 
 
+def one_row_per_key(lake: Lake, table: Table) -> tuple[bool, Evidence]:
+    """An upserted table holds one row per key (Delta output; the Parquet one is the same files)."""
+    dt_ = lake.delta_table(table.name)
+    if dt_ is None or not table.key:
+        return True, {"rows_checked": 0}
+    keys = dt_.to_pyarrow_dataset().to_table(columns=list(table.key))
+    counts = keys.group_by(list(table.key)).aggregate([([], "count_all")])
+    repeated = counts.filter(pc.greater(counts.column("count_all"), 1))
+    sample = [{k: r[k] for k in table.key} | {"rows": r["count_all"]} for r in repeated.slice(0, 20).to_pylist()]
+    return repeated.num_rows == 0, {
+        "rows_checked": keys.num_rows,
+        "distinct_keys": counts.num_rows,
+        "keys_with_several_rows": repeated.num_rows,
+        "examples": sample,
+    }
+
+
 def _parquet_dataset(lake: Lake, table: Table, *, schema: pa.Schema | None = None) -> pads.Dataset:
     """The Parquet output; ``schema`` reads just those columns, cast to those types, from every
     file (a file another writer put there may carry other string types)."""

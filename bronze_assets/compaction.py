@@ -35,7 +35,7 @@ from deltalake import CommitProperties, DeltaTable
 from deltalake.transaction import AddAction, RemoveAction
 
 from bronze_assets import lake as lake_mod
-from bronze_assets.lake import Lake
+from bronze_assets.lake import DeltaCommit, Lake
 
 if TYPE_CHECKING:
     from bronze_assets.lake import WrittenFile
@@ -321,43 +321,57 @@ def compact_table(
     if not groups:
         return result
 
-    version, written = _rewrite(lake, table.name, dt_, groups, target_file_bytes=target_file_bytes, run_id=run_id)
+    commit, written = _rewrite(lake, table.name, dt_, groups, target_file_bytes=target_file_bytes, run_id=run_id)
     removed = [f for group in groups for f in group]
     result.partitions_compacted = len(groups)
-    result.delta_version = version
+    result.delta_version = commit.version
     result.files_after = len(files) - len(removed) + len(written)
     result.bytes_after = result.bytes_before - sum(f.size for f in removed) + sum(w.size for w in written)
     return result
 
 
-def conform_table(lake: Lake, table: Table, *, run_id: str = "") -> int | None:
-    """Rewrite the active files that lack some of the table's columns (columns added to it by
-    schema evolution after they were written), so that every Parquet file carries the whole
-    schema: readers that take a dataset's schema from one file then see every column. One
-    commit that changes no data; returns its version (None when every file is complete)."""
+def conform_table(lake: Lake, table: Table, *, also: Iterable[str] = (), mirror: bool = True, run_id: str = "") -> DeltaCommit | None:
+    """Rewrite, with the table's whole schema and declared types, the active files that lack some
+    of its columns (columns added by schema evolution after they were written) and those of
+    ``also`` whose embedded Arrow schema has other types (delta-rs's MERGE writes strings as
+    ``string_view``, which pyarrow then fails to compare with the table's ``string`` when it
+    filters). Every file then reads the same in any engine, and a reader that takes a dataset's
+    schema from one file sees every column. One commit that changes no data (None when no file
+    needed it); with ``mirror``, the Parquet dataset follows it."""
     dt_ = lake.delta_table(table.name)
     if dt_ is None:
         return None
+    schema = lake.table_schema(dt_)
     partition_by = set(dt_.metadata().partition_columns)
-    wanted = [f.name for f in lake.table_schema(dt_) if f.name not in partition_by]
+    file_schema = pa.schema([f for f in schema if f.name not in partition_by])
+    active = _active(dt_)
     actions = pa.table(dt_.get_add_actions(flatten=False))
-    if actions.num_rows == 0:
-        return None
-    counted = actions.column("null_count").to_pylist() if "null_count" in actions.column_names else []
-    lacking = {
-        urllib.parse.unquote(str(path))
-        for path, counts in zip(actions.column("path").to_pylist(), counted, strict=True)
-        if any((counts or {}).get(c) is None for c in wanted)
+    counted = actions.column("null_count").to_pylist() if "null_count" in actions.column_names else [None] * len(active)
+    counts_by_path = {
+        urllib.parse.unquote(str(p)): c or {} for p, c in zip(actions.column("path").to_pylist(), counted, strict=True)
     }
-    if not lacking:
-        return None
+    also = set(also)
+    delta_dir = lake.delta_dir(table.name)
+
+    def needs(f: _Active) -> bool:
+        if any(counts_by_path.get(f.relpath, {}).get(c.name) is None for c in file_schema):
+            return True
+        if f.relpath in also:
+            written = pq.read_schema(delta_dir / f.relpath)
+            return any(not written.field(c.name).type.equals(c.type) for c in file_schema if c.name in written.names)
+        return False
+
     by_partition: dict[tuple[tuple[str, str | None], ...], list[_Active]] = {}
-    for f in _active(dt_):
-        if f.relpath in lacking:
+    for f in active:
+        if needs(f):
             by_partition.setdefault(tuple(sorted(f.partition_values.items())), []).append(f)
+    if not by_partition:
+        return None
     groups = [sorted(g, key=lambda f: f.relpath) for _, g in sorted(by_partition.items())]
-    version, _ = _rewrite(lake, table.name, dt_, groups, target_file_bytes=lake_mod.TARGET_FILE_BYTES, run_id=run_id)
-    return version
+    commit, _ = _rewrite(
+        lake, table.name, dt_, groups, target_file_bytes=lake_mod.TARGET_FILE_BYTES, run_id=run_id, mirror=mirror
+    )
+    return commit
 
 
 def _rewrite(
@@ -368,9 +382,11 @@ def _rewrite(
     *,
     target_file_bytes: int,
     run_id: str,
-) -> tuple[int, list[WrittenFile]]:
+    mirror: bool = True,
+) -> tuple[DeltaCommit, list[WrittenFile]]:
     """Rewrite each group of one partition's files as compacted files with the table's whole
-    schema, in one Delta commit that changes no data, and make the Parquet dataset follow it."""
+    schema, in one Delta commit that changes no data; with ``mirror``, make the Parquet dataset
+    follow it (otherwise the caller does, and the staging folder is left to it)."""
     schema = lake.table_schema(dt_)
     partition_by = list(dt_.metadata().partition_columns)
     file_schema = pa.schema([f for f in schema if f.name not in partition_by])
@@ -382,16 +398,18 @@ def _rewrite(
         written = [w for group in groups for w in _coalesce(group, delta_dir, staging, file_schema, target_file_bytes)]
         version = _commit(dt_, delta_dir, staging, written, removed, schema, partition_by, run_id)
         committed = True
-        added = [w.relpath for w in written]
-        lake.mirror_parquet(lake_mod.DeltaCommit(table, version, added, [f.relpath for f in removed]))
+        commit = DeltaCommit(table, version, [w.relpath for w in written], [f.relpath for f in removed])
+        if mirror:
+            lake.mirror_parquet(commit)
         mirrored = True
     finally:
         # Committed but not mirrored: the staging folder stays, so that the next run knows to
-        # reconcile the Parquet dataset with the Delta log (as after any run that died).
+        # reconcile the Parquet dataset with the Delta log (as after any run that died). Unmirrored
+        # on purpose, the caller's own staging folder marks the same until it mirrors.
         if mirrored or not committed:
             shutil.rmtree(staging, ignore_errors=True)
             lake.remove_empty_staging()
-    return version, written
+    return commit, written
 
 
 def _coalesce(
@@ -524,11 +542,11 @@ def maintain(
         for table in tables:
             if lake.delta_table(table.name) is None:
                 continue
-            conformed = conform_table(lake, table, run_id=run_id) if table.new_columns == "add" else None
+            conformed = conform_table(lake, table, run_id=run_id) if table.write_mode == "upsert" else None
             result = MaintenanceResult(
                 table.name,
                 compact_table(lake, table, target_file_bytes=settings.target_file_bytes, run_id=run_id),
-                conformed_version=conformed,
+                conformed_version=conformed.version if conformed is not None else None,
             )
             result.vacuumed = len(vacuum_table(lake, table.name, retention_hours=retention_hours))
             if table.write_mode == "upsert" and lake.history.delta_table(table.name) is not None:

@@ -93,6 +93,13 @@ class DeltaCommit:
     added: list[str]
     removed: list[str]
 
+    def then(self, later: DeltaCommit) -> DeltaCommit:
+        """This commit followed by ``later``, as one change of the table's file set."""
+        gone = set(later.removed)
+        added = [p for p in self.added if p not in gone] + later.added
+        mine = set(self.added)
+        return DeltaCommit(self.table, later.version, added, self.removed + [p for p in later.removed if p not in mine])
+
 
 @dataclass
 class _Open:

@@ -203,14 +203,9 @@ def commit_staged(lake: Lake, staged: Staged) -> None:
 
 
 def mirror_staged(lake: Lake, staged: Staged) -> None:
-    """The Parquet half of publishing: follow the Delta commit. After a MERGE that added
-    columns, the files that lack them are rewritten (see ``conform_table``)."""
+    """The Parquet half of publishing: follow the Delta commit."""
     if staged.commit is not None:
         lake.mirror_parquet(staged.commit)
-        if staged.table.write_mode == "upsert" and staged.table.new_columns == "add":
-            from bronze_assets.compaction import conform_table
-
-            conform_table(lake, staged.table, run_id=staged.run_id)
 
 
 def publish_delta(lake: Lake, staged: Staged) -> None:

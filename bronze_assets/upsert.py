@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 from deltalake import CommitProperties, DeltaTable, Transaction
 
+from bronze_assets.compaction import conform_table
 from bronze_assets.lake import DeltaCommit, Lake, WrittenFile
 from bronze_assets.readers import normalize_schema
 from schemas.schemas import Table
@@ -124,7 +125,9 @@ def merge_winners(
         con.close()
         shutil.rmtree(tmp, ignore_errors=True)
     bronze.update_incremental()
-    return lake.commit_actions(table.name, bronze.version())
+    merged = lake.commit_actions(table.name, bronze.version())
+    conformed = conform_table(lake, table, also=merged.added, mirror=False, run_id=run_id)
+    return merged if conformed is None else merged.then(conformed)
 
 
 def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -317,7 +317,7 @@ def test_vacuum_removes_the_replaced_files_from_the_delta_folder(compacted: Lake
     assert compacted.rows() == rows
 
 
-def test_an_evolved_column_is_null_in_the_older_rows_after_compaction(tmp_path: Path) -> None:
+def test_an_evolved_column_is_null_in_the_older_rows_in_every_file(tmp_path: Path) -> None:
     env = LakeEnv(tmp_path)
     old = (
         RETURNS_HEADER
@@ -333,9 +333,11 @@ def test_an_evolved_column_is_null_in_the_older_rows_after_compaction(tmp_path: 
     before = env.rows("returns")
     schema = env.lake.table_schema(env.delta("returns"))
 
+    # The ingestion already rewrote the older file with the new column (and the MERGE's file with
+    # the declared types): nothing is left for compaction to coalesce.
     result = compact_table(env.lake, RETURNS, target_file_bytes=BIG)
 
-    assert (result.partitions_compacted, result.files_after) == (1, 1)
+    assert (result.partitions_compacted, result.files_after) == (0, 1)
     after = env.rows("returns")
     assert after == before
     assert [(r["return_id"], r["refund_method"]) for r in after] == [(1, None), (2, None), (3, "card"), (4, "card")]

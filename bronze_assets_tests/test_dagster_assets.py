@@ -164,3 +164,34 @@ def test_definitions_load() -> None:
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert {"bronze/orders/delta", "bronze/orders/parquet", "bronze/returns/delta"} <= keys
+
+
+def test_returns_upserted_through_the_io_managers_with_the_one_row_per_key_check(env: Env) -> None:
+    shutil.copytree(SAMPLE / "returns", env.raw / "returns")
+    keys = ["returns/changes", "returns/returns_2024-01.csv", "returns/returns_2024-02.csv"]
+    result = env.materialize(keys, table="returns")
+    assert result.success
+    checks = checks_of(result)
+    assert checks["one_row_per_key"] == (True, dg.AssetCheckSeverity.ERROR)
+    assert all(passed for passed, _ in checks.values()), checks
+    delta = DeltaTable(str(env.lake / "bronze" / "delta" / "returns")).to_pyarrow_table()
+    ids = delta.column("return_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 259
+    assert sum(env.rows("parquet", "returns").values()) == 259
+    mats = [m for m in result.asset_materializations_for_node("bronze_returns") if m.asset_key.path[-1] == "delta"]
+    assert sorted(str(m.partition) for m in mats) == keys
+    mat = mats[0]
+    assert mat.metadata["dagster/row_count"].value == 312  # valid records read, before the merge
+    assert mat.metadata["sources_ingested"].value == 6  # two files and four Delta versions
+
+    # A row appended behind the merge's back: the key check fails and shows the key.
+    from deltalake import write_deltalake
+
+    write_deltalake(str(env.lake / "bronze" / "delta" / "returns"), delta.slice(0, 1), mode="append")
+    from bronze_assets import checks as checks_module
+    from bronze_assets.lake import Lake
+
+    passed, evidence = checks_module.one_row_per_key(Lake(env.lake), TABLES_BY_NAME["returns"])
+    assert not passed
+    assert evidence["keys_with_several_rows"] == 1
+    assert evidence["examples"] == [{"return_id": ids[0], "rows": 2}]

@@ -136,7 +136,7 @@ class Lake:
         files = sorted(self.parquet_dir.glob("*.parquet"))
         active = sorted(dt_.file_uris())
         assert [f.name for f in files] == sorted(Path(u).name for u in active)
-        for f in files:
+        for f in [*files, *(self.delta_dir / Path(u).name for u in active)]:
             file_schema = pq.read_schema(f)
             for field in file_schema:
                 assert field.type == schema.field(field.name).type, (f.name, field)
@@ -147,6 +147,10 @@ class Lake:
         )
         ids = delta.column(key[0]).to_pylist()
         assert len(ids) == len(set(ids)), "one row per return_id"
+        # Filters work on the Delta table (pyarrow compares the files' types with the table's).
+        for name in set(delta.column("src_filename").to_pylist()):
+            selected = dt_.to_pyarrow_dataset().to_table(filter=pads.field("src_filename") == name)
+            assert selected.num_rows == delta.column("src_filename").to_pylist().count(name)
 
     def manifest(self) -> dict[str, dict[str, Any]]:
         with duckdb.connect(str(self.root / "m.duckdb"), read_only=True) as con:
