@@ -35,6 +35,7 @@ from deltalake import CommitProperties, DeltaTable
 from deltalake.transaction import AddAction, RemoveAction
 
 from bronze_assets import lake as lake_mod
+from bronze_assets.faults import step
 from bronze_assets.lake import DeltaCommit, Lake
 
 if TYPE_CHECKING:
@@ -422,6 +423,7 @@ def _coalesce(
         for part in _ordered([delta_dir / f.relpath for f in group], schema):
             writer.write(part)
         new = writer.close()
+        step("rewrite.written")
     except BaseException:
         writer.abort()
         raise
@@ -460,6 +462,7 @@ def _commit(
         for w in written:
             lake_mod._link(staging / w.relpath, delta_dir / w.relpath)
             linked.append(delta_dir / w.relpath)
+        step("rewrite.linked")
         dt_.create_write_transaction(
             actions,
             mode="append",
@@ -477,6 +480,7 @@ def _commit(
             for path in linked:
                 lake_mod._remove(path)
             raise
+    step("rewrite.committed")
     dt_.update_incremental()
     return dt_.version()
 
@@ -530,15 +534,13 @@ def maintain(
     finish what a dead run left, then per table rewrite files lacking evolved columns, coalesce
     small files toward ``settings.target_file_bytes`` and vacuum files removed more than
     ``retention_hours`` ago; upserted tables get the same for their history."""
-    from bronze_assets.ingest import run_lock
+    from bronze_assets.ingest import recover, run_lock
 
     results = []
     lake = Lake(settings.lake)
+    tables = list(tables)
     with run_lock(settings):
-        if lake.staging_left_over():
-            for table in tables:
-                lake.reconcile(table.name)
-            lake.clear_staging()
+        recover(lake, tables, run_id=run_id)
         for table in tables:
             if lake.delta_table(table.name) is None:
                 continue

@@ -25,6 +25,7 @@ from types import TracebackType
 
 from bronze_assets.discovery import Discovery, RawSource, discover
 from bronze_assets.errors import BadArgument, BronzeError
+from bronze_assets.faults import step
 from bronze_assets.lake import Lake
 from bronze_assets.manifest import INGESTED, Connector, Manifest, ManifestRow, utcnow
 from bronze_assets.staging import (
@@ -39,6 +40,7 @@ from bronze_assets.staging import (
     publish_parquet,
     stage_source,
 )
+from bronze_assets.upsert import catch_up
 from schemas.schemas import TABLES, TABLES_BY_NAME, Table
 
 __all__ = ["Outcome", "RunResult", "Session", "Settings", "Status", "run"]
@@ -102,6 +104,24 @@ def run_lock(settings: Settings) -> Iterator[None]:
         yield
     finally:
         fh.close()
+
+
+def recover(lake: Lake, tables: Sequence[Table], *, run_id: str) -> None:
+    """Finish what a run that died left (its staging folder is still there): the Delta log is the
+    truth; files it never committed are deleted, the Parquet datasets are brought back in line
+    with the Delta tables, and upserted tables catch up with their history. Holds the run lock."""
+    history = lake.history
+    if lake.staging_left_over() or history.staging_left_over():
+        for t in tables:
+            lake.remove_orphans(t.name)
+            history.remove_orphans(t.name)
+            lake.reconcile(t.name)
+        lake.clear_staging()
+        history.clear_staging()
+        for t in tables:
+            if t.write_mode == "upsert":
+                catch_up(lake, t, run_id=run_id)
+        lake.remove_empty_staging()
 
 
 def sha256_file(path: Path) -> str:
@@ -223,12 +243,8 @@ class Session:
         )
         self.manifest = Manifest(settings.manifest, read_only=settings.dry_run, connector=self._connector)
         self.lake = Lake(settings.lake)
-        if not settings.dry_run and self.lake.staging_left_over():
-            # A run died part-way (its staging folder is still there): the Delta log is the
-            # truth, and the Parquet mirror is brought back in line with it.
-            for t in TABLES:
-                self.lake.reconcile(t.name)
-            self.lake.clear_staging()
+        if not settings.dry_run:
+            recover(self.lake, TABLES, run_id=self.run_id)
         self.previous = self.manifest.rows()
         self.state = _State(self.previous)
 
@@ -319,11 +335,14 @@ class Session:
             if not self.settings.dry_run:
                 if not (outcome.error or "").startswith("writing"):
                     place_rejects(self.lake, staged)
+                    step("rejects.placed")
                 record_outcome(self.manifest, staged.source, outcome, staged.checksum, self.run_id, staged.table, staged.columns)
+                step("manifest.recorded")
                 if staged.watermark is not None and outcome.status != "failed":
                     self.manifest.set_watermark(
                         staged.source.src_path.rsplit("@v", 1)[0], staged.table.name, staged.watermark
                     )
+                    step("watermark.set")
         finally:
             discard(staged)
         self.state.set(_manifest_row(staged.source, outcome, staged.checksum, self.run_id))

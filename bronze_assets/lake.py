@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
 from deltalake.transaction import AddAction, RemoveAction
 
+from bronze_assets.faults import step
 from bronze_assets.readers import normalize_schema
 from bronze_assets.validation import REJECT_SCHEMA
 
@@ -504,6 +505,7 @@ class Lake:
             )
         for path, size, values in old:
             actions.append(RemoveAction(uri_path(path), True, now_ms, size, values))
+        step("delta.linked")
         dt_.create_write_transaction(
             actions,
             mode="append",
@@ -511,6 +513,7 @@ class Lake:
             partition_by=list(partition_by) or None,
             commit_properties=CommitProperties(custom_metadata={"bronze.src_path": src_path, "bronze.run_id": run_id}),
         )
+        step("delta.committed")
         dt_.update_incremental()
         return DeltaCommit(table, dt_.version(), [f.relpath for f in files], [p for p, _, _ in old])
 
@@ -534,8 +537,10 @@ class Lake:
         parquet_dir, delta_dir = self.parquet_dir(commit.table), self.delta_dir(commit.table)
         for rel in commit.added:
             _mirror_file(delta_dir / rel, parquet_dir / rel)
+            step("parquet.linked")
         for rel in commit.removed:
             _remove(parquet_dir / rel)
+        step("parquet.mirrored")
 
     def publish(self, **kwargs: Any) -> int | None:
         """Both outputs at once (the command line's path): the Delta commit, then the mirror."""
@@ -562,6 +567,30 @@ class Lake:
         final = self.rejects_file(table, src_path)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, final)
+
+    def remove_orphans(self, table: str) -> list[str]:
+        """Delete the data files in the Delta table's folder that no commit references: those a
+        run that died wrote or linked there before it could commit them. Files that a commit
+        removed stay for vacuum (older versions still read them). Returns their paths."""
+        dt_ = self.delta_table(table)
+        if dt_ is None:
+            return []
+        unreferenced = dt_.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False, full=True)
+        log = self.delta_dir(table) / "_delta_log"
+        removed_by_commits: set[str] = set()
+        for entry in log.glob("*.json"):
+            with open(entry, encoding="utf-8") as fh:
+                for line in fh:
+                    if '"remove"' in line:
+                        removed_by_commits.add(urllib.parse.unquote(json.loads(line)["remove"]["path"]))
+        root = self.delta_dir(table)
+        orphans = []
+        for path in unreferenced:
+            rel = urllib.parse.unquote(path)
+            if rel not in removed_by_commits:
+                _remove(root / rel)
+                orphans.append(rel)
+        return orphans
 
     def reconcile(self, table: str) -> int:
         """Make the Parquet dataset's file set equal the Delta table's active files; return the

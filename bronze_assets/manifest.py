@@ -16,6 +16,8 @@ from typing import Any
 
 import duckdb
 
+from bronze_assets.faults import step
+
 SCHEMA_SQL = (
     """CREATE TABLE IF NOT EXISTS manifest_processed_files(
         src_path TEXT PRIMARY KEY,
@@ -152,6 +154,7 @@ class Manifest:
                         "INSERT INTO schema_history VALUES (?, ?, ?, ?, ?)",
                         [table_name, src_path, json.dumps(columns), change, now],
                     )
+                step("manifest.in_transaction")
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")

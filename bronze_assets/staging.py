@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from bronze_assets.discovery import RawSource
 from bronze_assets.errors import UnreadableFile
+from bronze_assets.faults import step
 from bronze_assets.lake import (
     TARGET_FILE_BYTES,
     DeltaCommit,
@@ -173,6 +174,7 @@ def stage_source(
     outcome.bytes = sum(f.size for f in staged.files)
     outcome.partitions = {f.relpath.rsplit("/", 1)[0] for f in staged.files if "/" in f.relpath}
     outcome.seconds = time.monotonic() - started
+    step("stage.done")
     return staged
 
 
@@ -318,6 +320,7 @@ def _consume(
             res = validator.run(batch, src_filename=source.src_path, ingestion_ts=ingestion_ts, force=force)
             keys |= res.keys_present
             writer.write(res.valid)
+            step("stage.batch")
             outcome.rows += res.valid.num_rows
             outcome.rejects.update(res.reasons)
             if rejects is not None and res.rejects.num_rows:

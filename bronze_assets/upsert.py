@@ -19,6 +19,7 @@ is gone from the history is deleted from the bronze table.
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,7 @@ import pyarrow.dataset as pads
 from deltalake import CommitProperties, DeltaTable, Transaction
 
 from bronze_assets.compaction import conform_table
+from bronze_assets.faults import step
 from bronze_assets.lake import DeltaCommit, Lake, WrittenFile
 from bronze_assets.readers import normalize_schema
 from schemas.schemas import Table
@@ -72,6 +74,7 @@ def commit_upsert(
     )
     if h is None:
         return None
+    step("history.committed")
     hdir = history.delta_dir(table.name)
     touched = [hdir / p for p in (*h.added, *h.removed)]
     return merge_winners(lake, table, touched=touched, history_version=h.version, src_path=src_path, run_id=run_id)
@@ -124,10 +127,46 @@ def merge_winners(
     finally:
         con.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    step("merge.committed")
     bronze.update_incremental()
     merged = lake.commit_actions(table.name, bronze.version())
     conformed = conform_table(lake, table, also=merged.added, mirror=False, run_id=run_id)
     return merged if conformed is None else merged.then(conformed)
+
+
+def catch_up(lake: Lake, table: Table, *, run_id: str) -> DeltaCommit | None:
+    """Bring the bronze table up to its history after a run that died between the two: the
+    history commits of sources after the one the bronze table's last MERGE recorded (its
+    application transaction) are merged now, and mirrored. A no-op when they agree."""
+    history = lake.history
+    hdt = history.delta_table(table.name)
+    if hdt is None:
+        return None
+    bronze = lake.delta_table(table.name)
+    done = (bronze.transaction_version(app_id(table.name)) if bronze is not None else None) or -1
+    touched: list[Path] = []
+    hdir = history.delta_dir(table.name)
+    for version in range(done + 1, hdt.version() + 1):
+        info = _commit_info(hdir, version)
+        if info.get("bronze.src_path") is None:
+            continue  # table creation, compaction: no record changed
+        commit = history.commit_actions(table.name, version)
+        touched += [hdir / p for p in (*commit.added, *commit.removed)]
+    if not touched:
+        return None
+    merged = merge_winners(lake, table, touched=touched, history_version=hdt.version(), src_path="", run_id=run_id)
+    if merged is not None:
+        lake.mirror_parquet(merged)
+    return merged
+
+
+def _commit_info(table_dir: Path, version: int) -> dict[str, object]:
+    with open(table_dir / "_delta_log" / f"{version:020d}.json", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith('{"commitInfo"'):
+                info: dict[str, object] = json.loads(line)["commitInfo"]
+                return info
+    return {}
 
 
 def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

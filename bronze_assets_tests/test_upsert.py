@@ -478,3 +478,35 @@ def test_maintenance_compacts_bronze_and_history_and_keeps_the_rows(lake: Lake) 
     lake.run()
     rows = lake.rows()
     assert 32 not in rows and winner(rows, 1)[2] == "v2"
+
+
+def test_a_history_commit_without_its_merge_is_caught_up_by_the_next_run(lake: Lake) -> None:
+    """The state a run leaves when it dies between a source's history commit and its MERGE: the
+    next run merges what the bronze table's application transaction says it has not seen."""
+    from bronze_assets.ingest import recover
+    from bronze_assets.lake import Lake as LakeFiles
+
+    lake.put("r1.csv", returns_csv(rec(1, 1, status="r1"), rec(2, 1)))
+    lake.run()
+    files = LakeFiles(lake.root / "lake")
+    bronze = DeltaTable(str(lake.delta_dir))
+    assert bronze.transaction_version(app_id("returns")) == lake.history_version()
+
+    # r2's records reach the history, but no MERGE follows (as if killed right there).
+    import bronze_assets.upsert as upsert_module
+
+    real = upsert_module.merge_winners
+    upsert_module.merge_winners = lambda *a, **k: None  # type: ignore[assignment]
+    try:
+        lake.put("r2.csv", returns_csv(rec(1, 2, status="r2")))
+        lake.run()
+    finally:
+        upsert_module.merge_winners = real  # type: ignore[assignment]
+    assert winner(lake.rows(), 1)[2] == "r1"
+    (files.staging_root / "left-over").mkdir(parents=True)  # what a killed run leaves
+
+    recover(files, [RETURNS], run_id="test")
+    assert winner(lake.rows(), 1) == ("returns/r2.csv", at(2), "r2")
+    assert DeltaTable(str(lake.delta_dir)).transaction_version(app_id("returns")) == lake.history_version()
+    assert not files.staging_root.exists()
+    lake.check_outputs()
