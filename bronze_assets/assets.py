@@ -15,7 +15,7 @@ from bronze_assets import checks
 from bronze_assets.ingest import Session
 from bronze_assets.lake import Lake
 from bronze_assets.resources import LakeResource, ManifestResource
-from bronze_assets.staging import Outcome, Staged
+from bronze_assets.staging import Batch, Outcome
 from bronze_assets.validation import REASONS, output_schema
 from schemas.schemas import Table
 
@@ -54,8 +54,8 @@ def column_schema(table: Table) -> dg.TableSchema:
     )
 
 
-def _metrics(staged: list[Staged], seconds: float) -> dict[str, Any]:
-    outcomes = [s.outcome for s in staged]
+def _metrics(batches: list[Batch], seconds: float) -> dict[str, Any]:
+    outcomes = [o for b in batches for o in b.outcomes]
     reasons: Counter[str] = Counter()
     for o in outcomes:
         reasons.update(o.rejects)
@@ -66,8 +66,8 @@ def _metrics(staged: list[Staged], seconds: float) -> dict[str, Any]:
         "sources_ingested": sum(o.status in ("success", "rejected") for o in outcomes),
         "sources_duplicate": sum(o.status == "duplicate" for o in outcomes),
         "sources_failed": sum(o.status == "failed" for o in outcomes),
-        "files_written": sum(o.files for o in outcomes),
-        "bytes_written": sum(o.bytes for o in outcomes),
+        "files_written": sum(o.files for o in outcomes) + sum(len(b.files) for b in batches),
+        "bytes_written": sum(o.bytes for o in outcomes) + sum(f.size for b in batches for f in b.files),
         "partitions_touched": len(partitions),
         "duration_s": round(seconds, 3),
     }
@@ -129,13 +129,13 @@ def build_table_asset(table: Table) -> dg.AssetsDefinition:
             missing = sorted(set(keys) - {s.src_path for s in session.sources})
             if missing:
                 context.log.warning(f"not found under {lake.raw} (or still being written): {', '.join(missing[:20])}")
-            staged = [st for src in session.sources for st in session.stage(src)]
-            staged += [st for src in session.orphaned_duplicates() for st in session.stage(src)]
-            metrics = _metrics(staged, time.monotonic() - started)
+            batches = list(session.batches(session.sources))
+            batches += session.batches(session.orphaned_duplicates())
+            metrics = _metrics(batches, time.monotonic() - started)
             # Delta first: the Parquet IO manager mirrors the commits the Delta IO manager made.
-            yield dg.MaterializeResult(asset_key=dkey, value=staged, metadata=metrics)
-            yield dg.MaterializeResult(asset_key=pkey, value=staged, metadata=metrics)
-            outcomes = [session.finish(st) for st in staged]
+            yield dg.MaterializeResult(asset_key=dkey, value=batches, metadata=metrics)
+            yield dg.MaterializeResult(asset_key=pkey, value=batches, metadata=metrics)
+            outcomes = [o for b in batches for o in session.finish(b)]
         yield from _check_results(table, Lake(settings.lake), outcomes)
         failed = [o for o in outcomes if o.status == "failed"]
         if failed:

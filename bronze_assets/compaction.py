@@ -86,42 +86,43 @@ class CompactionResult:
     delta_version: int | None = None
 
 
-def _struct_column(actions: pa.Table, name: str) -> list[dict[str, object] | None]:
-    if name not in actions.column_names:
-        return [None] * actions.num_rows
-    return actions.column(name).to_pylist()  # type: ignore[no-any-return]
-
-
-def _active(dt_: DeltaTable) -> list[_Active]:
-    """Every active file: path relative to the table, size, partition values as Delta writes them
-    (strings), and its src_filename min/max statistics."""
-    actions = pa.table(dt_.get_add_actions(flatten=False))
+def _active(dt_: DeltaTable, *, shared_only: bool = False) -> list[_Active]:
+    """The active files (only those shared by several sources, with ``shared_only``): path
+    relative to the table, size, partition values as Delta writes them (strings), and their
+    src_filename bounds. Built from vectorised columns: a table may hold many thousand files."""
+    actions = lake_mod.add_actions(dt_)
     if actions.num_rows == 0:
         return []
-    paths = actions.column("path").cast(pa.string()).to_pylist()
-    sizes = actions.column("size_bytes").to_pylist()
-    parts = _struct_column(actions, "partition")
-    mins, maxs = _struct_column(actions, "min"), _struct_column(actions, "max")
-    out = []
-    for path, size, part, lo, hi in zip(paths, sizes, parts, mins, maxs, strict=True):
-        values = {k: lake_mod.delta_value(v) for k, v in (part or {}).items()}
-        src_min = (lo or {}).get("src_filename")
-        src_max = (hi or {}).get("src_filename")
-        out.append(
-            _Active(
-                urllib.parse.unquote(path),
-                int(size),
-                values,
-                src_min if isinstance(src_min, str) else None,
-                src_max if isinstance(src_max, str) else None,
-            )
-        )
-    return out
+    if shared_only:
+        owned = pc.is_valid(pc.struct_field(pc.extract_regex(actions.column("path"), lake_mod.SOURCE_FILE_NAME), "sid"))
+        actions = actions.filter(pc.invert(owned))
+        if actions.num_rows == 0:
+            return []
+    old = lake_mod._old_files(actions)
+    src_min = _bound_column(actions, "min")
+    src_max = _bound_column(actions, "max")
+    return [
+        _Active(path, size, values, lo, hi)
+        for (path, size, values), lo, hi in zip(old, src_min, src_max, strict=True)
+    ]
+
+
+def _bound_column(actions: pa.Table, name: str) -> list[str | None]:
+    """The src_filename statistic ``name`` (min or max) of each file (None where it has none)."""
+    if name not in actions.column_names:
+        return [None] * actions.num_rows
+    col = actions.column(name)
+    if "src_filename" not in [col.type.field(i).name for i in range(col.type.num_fields)]:
+        return [None] * actions.num_rows
+    values = pc.struct_field(col, "src_filename")
+    if not pa.types.is_string(values.type):
+        values = values.cast(pa.string())
+    return values.to_pylist()  # type: ignore[no-any-return]
 
 
 def compacted_files(lake: Lake, dt_: DeltaTable) -> list[OldFile]:
     """Active files of the table written by compaction."""
-    return [f.old for f in _active(dt_) if f.name.startswith(COMPACTED_PREFIX)]
+    return [f.old for f in _active(dt_, shared_only=True) if f.name.startswith(COMPACTED_PREFIX)]
 
 
 def _placed(files: list[WrittenFile], folder: str, values: dict[str, str | None]) -> list[WrittenFile]:
@@ -145,50 +146,56 @@ def _writer(directory: Path, schema: pa.Schema, target_file_bytes: int) -> lake_
 # -- replacing a source inside compacted files -----------------------------------------------------
 
 
-def _may_hold(f: _Active, src_path: str) -> bool:
+def _may_hold(f: _Active, src_paths: Sequence[str]) -> bool:
     if f.src_min is None or f.src_max is None:
         return True
-    return f.src_min <= src_path <= f.src_max
+    lo, hi = f.src_min, f.src_max
+    return any(lo <= p <= hi for p in src_paths)
 
 
-def _matches(path: Path, src_path: str) -> tuple[int, int]:
-    """(rows of ``src_path``, all rows) in the file at ``path``, reading only src_filename."""
+def _matches(path: Path, src_paths: pa.Array) -> tuple[int, int]:
+    """(rows of ``src_paths``, all rows) in the file at ``path``, reading only src_filename."""
     pf = pq.ParquetFile(path)
     if "src_filename" not in pf.schema_arrow.names:
         return 0, pf.metadata.num_rows
     hits = 0
     for batch in pf.iter_batches(columns=["src_filename"]):
-        hits += pc.sum(pc.equal(batch.column(0), src_path)).as_py() or 0
+        hits += pc.sum(pc.is_in(batch.column(0), value_set=src_paths)).as_py() or 0
     return hits, pf.metadata.num_rows
 
 
-def rewrite_without_source(
-    lake: Lake, dt_: DeltaTable, table: str, src_path: str, staged_dir: Path
+def rewrite_without_sources(
+    lake: Lake, dt_: DeltaTable, table: str, src_paths: Sequence[str], scratch: Path
 ) -> tuple[list[OldFile], list[WrittenFile]]:
-    """Compacted files that may hold rows of ``src_path``, and their rewrites without those rows
-    (written under ``staged_dir``). Nothing to do while the table has no compacted file.
+    """Files shared by several sources (batched ingestion, compaction) that hold rows of any of
+    ``src_paths``, and their rewrites without those rows (written under ``scratch``).
 
-    Files whose ``src_filename`` statistics exclude ``src_path`` are not opened; the others are
-    scanned, and only those that really hold its rows are returned, each with a rewrite of its
-    other rows (none when no row is left) at ``staged_dir/<same folder>/compacted-<token>-<n>.parquet``.
+    Files whose ``src_filename`` bounds exclude every one of ``src_paths`` are not opened; the
+    others are scanned, and only those that really hold such rows are returned, each with a
+    rewrite of its other rows (none when no row is left) at
+    ``scratch/<same folder>/compacted-<token>-<n>.parquet``.
     """
-    candidates = [f for f in _active(dt_) if f.name.startswith(COMPACTED_PREFIX) and _may_hold(f, src_path)]
+    ordered = sorted(src_paths)
+    candidates = [f for f in _active(dt_, shared_only=True) if _may_hold(f, ordered)]
+    if not candidates:
+        return [], []
+    wanted = pa.array(ordered, pa.string())
     removed: list[OldFile] = []
     written: list[WrittenFile] = []
     delta_dir = lake.delta_dir(table)
     for f in candidates:
         path = delta_dir / f.relpath
-        hits, rows = _matches(path, src_path)
+        hits, rows = _matches(path, wanted)
         if not hits:
             continue
         removed.append(f.old)
         if hits == rows:
             continue
         pf = pq.ParquetFile(path)
-        writer = _writer(staged_dir / f.folder, pf.schema_arrow, lake_mod.TARGET_FILE_BYTES)
+        writer = _writer(scratch / f.folder, pf.schema_arrow, lake_mod.TARGET_FILE_BYTES)
         try:
             for batch in pf.iter_batches():
-                keep = pc.fill_null(pc.not_equal(batch.column("src_filename"), src_path), True)
+                keep = pc.invert(pc.fill_null(pc.is_in(batch.column("src_filename"), value_set=wanted), False))
                 writer.write(pa.Table.from_batches([batch]).filter(keep))
             files = writer.close()
         except BaseException:

@@ -29,6 +29,7 @@ from bronze_assets.faults import step
 from bronze_assets.lake import Lake
 from bronze_assets.manifest import INGESTED, Connector, Manifest, ManifestRow, utcnow
 from bronze_assets.staging import (
+    Batch,
     Outcome,
     Progress,
     Settings,
@@ -43,7 +44,7 @@ from bronze_assets.staging import (
 from bronze_assets.upsert import catch_up
 from schemas.schemas import TABLES, TABLES_BY_NAME, Table
 
-__all__ = ["Outcome", "RunResult", "Session", "Settings", "Status", "run"]
+__all__ = ["Batch", "Outcome", "RunResult", "Session", "Settings", "Status", "run"]
 
 
 @dataclass
@@ -135,14 +136,12 @@ def sha256_file(path: Path) -> str:
 def run(settings: Settings, *, progress: Progress | None = None) -> RunResult:
     """Ingest every new or changed source under ``settings.raw``."""
     with Session(settings, progress=progress) as session:
-        for source in session.sources:
-            for staged in session.stage(source):
-                session.publish(staged)
-                session.finish(staged)
-        for source in session.orphaned_duplicates():
-            for staged in session.stage(source):
-                session.publish(staged)
-                session.finish(staged)
+        for batch in session.batches(session.sources):
+            session.publish(batch)
+            session.finish(batch)
+        for batch in session.batches(session.orphaned_duplicates()):
+            session.publish(batch)
+            session.finish(batch)
         return session.result()
 
 
@@ -193,8 +192,9 @@ class Session:
     """One run over one lake: the lock, the plan, and each source's stages.
 
     ``stage(source)`` yields the staged ingestions a source needs (none when it is unchanged; one
-    per new version of a Delta source); each must then be published (``publish``, or the two
-    halves ``commit``/``mirror``) and recorded (``finish``), in that order.
+    per new version of a Delta source); ``batches(sources)`` stages them and groups them into
+    batches, each of which must then be published (``publish``, or its two halves
+    ``publish_delta`` and ``publish_parquet``) and recorded (``finish``), in that order.
     """
 
     def __init__(
@@ -320,39 +320,70 @@ class Session:
                 out.append(source)
         return out
 
+    def batches(self, sources: Sequence[RawSource]) -> Iterator[Batch]:
+        """Stage ``sources`` (in order) and group them, per table, into batches to publish: a
+        batch closes when its table changes, or after a source that left it holding
+        BATCH_SOURCES sources or twice the target file size of coalesced rows. The versions of a
+        Delta source are never split (one that fails to publish must block those after it)."""
+        current: Batch | None = None
+        target = self.settings.target_file_bytes
+        for source in sources:
+            for staged in self.stage(source):
+                if current is not None and current.table.name != staged.table.name:
+                    current.close()
+                    yield current
+                    current = None
+                if current is None:
+                    current = Batch(staged.table, self.run_id)
+                current.add(staged, lake=self.lake, target_file_bytes=target)
+            if current is not None and current.full:
+                current.close()
+                yield current
+                current = None
+        if current is not None:
+            current.close()
+            yield current
+
     # -- publishing and recording --------------------------------------------------------------
 
-    def publish(self, staged: Staged) -> None:
+    def publish(self, batch: Batch) -> None:
         """Both halves of publishing, in order (the IO managers call them one each)."""
         if not self.settings.dry_run:
-            publish_delta(self.lake, staged)
-            publish_parquet(self.lake, staged)
+            publish_delta(self.lake, batch)
+            publish_parquet(self.lake, batch)
 
-    def finish(self, staged: Staged) -> Outcome:
-        """Place the rejects, record the outcome in the manifest, clean the staging folder."""
-        outcome = staged.outcome
+    def finish(self, batch: Batch) -> list[Outcome]:
+        """Place the rejects, record the outcomes in the manifest (one transaction for the
+        batch), clean the staging folders."""
         try:
             if not self.settings.dry_run:
-                if not (outcome.error or "").startswith("writing"):
-                    place_rejects(self.lake, staged)
-                    step("rejects.placed")
-                record_outcome(self.manifest, staged.source, outcome, staged.checksum, self.run_id, staged.table, staged.columns)
+                for staged in batch.members:
+                    if not (staged.outcome.error or "").startswith("writing"):
+                        place_rejects(self.lake, staged)
+                        step("rejects.placed")
+                record_outcomes(self.manifest, batch.members, self.run_id)
                 step("manifest.recorded")
-                if staged.watermark is not None and outcome.status != "failed":
-                    self.manifest.set_watermark(
-                        staged.source.src_path.rsplit("@v", 1)[0], staged.table.name, staged.watermark
-                    )
+                marks = [
+                    (s.source.src_path.rsplit("@v", 1)[0], s.table.name, s.watermark)
+                    for s in batch.members
+                    if s.watermark is not None and s.outcome.status != "failed"
+                ]
+                if marks:
+                    self.manifest.set_watermarks(marks)  # type: ignore[arg-type]
                     step("watermark.set")
         finally:
-            discard(staged)
-        self.state.set(_manifest_row(staged.source, outcome, staged.checksum, self.run_id))
-        self.outcomes.append(outcome)
-        if outcome.status != "duplicate":
-            self.say(
-                f"{outcome.src_path}: {outcome.status}, {outcome.rows:,} rows, {outcome.reject_count:,} rejected"
-                f" ({outcome.seconds:.1f} s)"
-            )
-        return outcome
+            batch.abort()
+            discard(batch)
+        for staged in batch.members:
+            outcome = staged.outcome
+            self.state.set(_manifest_row(staged.source, outcome, staged.checksum, self.run_id))
+            self.outcomes.append(outcome)
+            if outcome.status != "duplicate":
+                self.say(
+                    f"{outcome.src_path}: {outcome.status}, {outcome.rows:,} rows, {outcome.reject_count:,} rejected"
+                    f" ({outcome.seconds:.1f} s)"
+                )
+        return batch.outcomes
 
     def result(self) -> RunResult:
         wanted = {t.name for t in self.tables}
@@ -388,21 +419,19 @@ def _totals(
     return per
 
 
-def record_outcome(
-    manifest: Manifest,
-    source: RawSource,
-    outcome: Outcome,
-    checksum: str | None,
-    run_id: str,
-    table: Table,
-    columns: list[str] | None,
-) -> None:
-    """Record a source's outcome, and the columns it carried in the schema history."""
+def record_outcomes(manifest: Manifest, members: Sequence[Staged], run_id: str) -> None:
+    """Record the sources' outcomes, and the columns each carried in the schema history."""
+    current = manifest.table_columns()
+    rows = []
     schema_rows = []
-    if columns is not None and outcome.status != "failed":
-        before = manifest.table_columns().get(table.name)
-        schema_rows.append((table.name, source.src_path, columns, _change(before, columns)))
-    manifest.record(_manifest_row(source, outcome, checksum, run_id), schema_rows=schema_rows)
+    for staged in members:
+        source, outcome = staged.source, staged.outcome
+        rows.append(_manifest_row(source, outcome, staged.checksum, run_id))
+        if staged.columns is not None and outcome.status != "failed":
+            name = staged.table.name
+            schema_rows.append((name, source.src_path, staged.columns, _change(current.get(name), staged.columns)))
+            current[name] = staged.columns
+    manifest.record(rows, schema_rows=schema_rows)
 
 
 def _change(before: list[str] | None, after: list[str]) -> str | None:

@@ -1,6 +1,7 @@
-"""IO managers for the two bronze outputs. The asset hands them the sources it staged; the Delta
-IO manager commits them (one Delta transaction per source), the Parquet IO manager mirrors those
-commits into the hive-partitioned Parquet dataset. The asset yields Delta first, then Parquet.
+"""IO managers for the two bronze outputs. The asset hands them the batches of sources it staged;
+the Delta IO manager commits them (one Delta transaction per batch), the Parquet IO manager
+mirrors those commits into the hive-partitioned Parquet dataset. The asset yields Delta first,
+then Parquet.
 
 Both replace exactly the rows of the sources in hand, whatever the number of partition keys in
 the run: nothing here overwrites a table (dagster-deltalake's IO manager did, on multi-partition
@@ -15,12 +16,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from bronze_assets.lake import Lake
-from bronze_assets.staging import Staged, publish_delta, publish_parquet
+from bronze_assets.staging import Batch, publish_delta, publish_parquet
 
 
-def _staged(obj: Any) -> list[Staged]:
-    if not isinstance(obj, list) or not all(isinstance(s, Staged) for s in obj):
-        raise dg.DagsterInvariantViolationError("bronze IO managers take the list of staged sources")
+def _batches(obj: Any) -> list[Batch]:
+    if not isinstance(obj, list) or not all(isinstance(b, Batch) for b in obj):
+        raise dg.DagsterInvariantViolationError("bronze IO managers take the list of staged batches")
     return obj
 
 
@@ -43,10 +44,10 @@ class DeltaIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         lake = Lake(Path(self.lake))
         versions = []
-        for staged in _staged(obj):
-            publish_delta(lake, staged)
-            if staged.commit is not None:
-                versions.append(staged.commit.version)
+        for batch in _batches(obj):
+            publish_delta(lake, batch)
+            if batch.commit is not None:
+                versions.append(batch.commit.version)
         dt_ = lake.delta_table(_table_name(context))
         context.add_output_metadata(
             {
@@ -70,8 +71,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         lake = Lake(Path(self.lake))
-        for staged in _staged(obj):
-            publish_parquet(lake, staged)
+        for batch in _batches(obj):
+            publish_parquet(lake, batch)
         context.add_output_metadata({"dagster/uri": str(lake.parquet_dir(_table_name(context)))})
 
     def load_input(self, context: dg.InputContext) -> pa.Table:

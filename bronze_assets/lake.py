@@ -21,14 +21,15 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +42,9 @@ from deltalake.transaction import AddAction, RemoveAction
 from bronze_assets.faults import step
 from bronze_assets.readers import normalize_schema
 from bronze_assets.validation import REJECT_SCHEMA
+
+if TYPE_CHECKING:
+    from schemas.schemas import Table
 
 TARGET_FILE_BYTES = 128 << 20
 ROW_GROUP_ROWS = 262_144
@@ -384,6 +388,37 @@ def _mirror_file(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+OldFile = tuple[str, int, dict[str, str | None]]  # an active file: path, size, partition values
+# A data file written for one source: ``<source id>-<token>-<n>.parquet``. Any other name is a
+# file shared by several sources (batched small sources, compaction).
+SOURCE_FILE_NAME = r"(?:^|/)(?P<sid>[0-9a-f]{16})-[0-9a-f]{12}-[0-9]+\.parquet$"
+
+
+def add_actions(dt_: DeltaTable) -> pa.Table:
+    """The Delta table's active files (``get_add_actions``), paths decoded."""
+    actions = pa.table(dt_.get_add_actions(flatten=False))
+    if actions.num_rows == 0:
+        return actions
+    paths = pa.array([urllib.parse.unquote(p) for p in actions.column("path").to_pylist()], pa.string())
+    return actions.set_column(actions.schema.get_field_index("path"), "path", paths)
+
+
+def _old_files(actions: pa.Table) -> list[OldFile]:
+    if actions.num_rows == 0:
+        return []
+    paths = actions.column("path").to_pylist()
+    sizes = actions.column("size_bytes").to_pylist()
+    if "partition" in actions.column_names:
+        parts = [{k: delta_value(v) for k, v in (pv or {}).items()} for pv in actions.column("partition").to_pylist()]
+    else:
+        parts = [{} for _ in paths]
+    return [(p, int(s), v) for p, s, v in zip(paths, sizes, parts, strict=True)]
+
+
+def is_shared_file(relpath: str) -> bool:
+    return re.search(SOURCE_FILE_NAME, relpath) is None
+
+
 class Lake:
     """Paths and publishing for one lake root."""
 
@@ -391,6 +426,7 @@ class Lake:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._tables: dict[str, DeltaTable] = {}
 
     @property
     def history(self) -> HistoryLake:
@@ -425,10 +461,18 @@ class Lake:
             self.staging_root.rmdir()
 
     def delta_table(self, table: str) -> DeltaTable | None:
+        """The Delta table, brought up to its latest version (opened once per ``Lake``: a run
+        holds the lake alone, and catching up with new commits only lists the log)."""
         path = self.delta_dir(table)
         if not (path / "_delta_log").is_dir():
+            self._tables.pop(table, None)
             return None
-        return DeltaTable(str(path))
+        dt_ = self._tables.get(table)
+        if dt_ is None:
+            dt_ = self._tables[table] = DeltaTable(str(path))
+        else:
+            dt_.update_incremental()
+        return dt_
 
     def ensure_delta(self, table: str, schema: pa.Schema, partition_by: tuple[str, ...]) -> DeltaTable:
         existing = self.delta_table(table)
@@ -438,61 +482,54 @@ class Lake:
         path.mkdir(parents=True, exist_ok=True)
         if self.mirrored:
             self.parquet_dir(table).mkdir(parents=True, exist_ok=True)
-        return DeltaTable.create(str(path), schema, mode="ignore", partition_by=list(partition_by) or None)
+        DeltaTable.create(str(path), schema, mode="ignore", partition_by=list(partition_by) or None)
+        created = self.delta_table(table)
+        assert created is not None
+        return created
 
-    def source_files(self, dt_: DeltaTable, src_path: str) -> list[tuple[str, int, dict[str, str | None]]]:
-        """The active files named after ``src_path`` in the Delta table: (path, size, partition values)."""
-        sid = source_id(src_path) + "-"
-        return [f for f in self.active_files(dt_) if f[0].rsplit("/", 1)[-1].startswith(sid)]
+    def source_files(self, dt_: DeltaTable, src_paths: Iterable[str]) -> list[OldFile]:
+        """The active files named after any of ``src_paths``: (path, size, partition values)."""
+        ids = pa.array(sorted({source_id(p) for p in src_paths}), pa.string())
+        actions = add_actions(dt_)
+        if actions.num_rows == 0 or len(ids) == 0:
+            return []
+        owner = pc.struct_field(pc.extract_regex(actions.column("path"), SOURCE_FILE_NAME), "sid")
+        return _old_files(actions.filter(pc.fill_null(pc.is_in(owner, value_set=ids), False)))
 
-    def active_files(self, dt_: DeltaTable) -> list[tuple[str, int, dict[str, str | None]]]:
+    def active_files(self, dt_: DeltaTable) -> list[OldFile]:
         """Every active file of the Delta table: (path relative to the table, size, partition values)."""
-        actions = pa.table(dt_.get_add_actions(flatten=False))
-        out: list[tuple[str, int, dict[str, str | None]]] = []
-        if actions.num_rows == 0:
-            return out
-        paths = actions.column("path").cast(pa.string()).to_pylist()
-        sizes = actions.column("size_bytes").to_pylist()
-        parts = (
-            actions.column("partition_values").to_pylist()
-            if "partition_values" in actions.column_names
-            else [None] * len(paths)
-        )
-        for p, s, pv in zip(paths, sizes, parts, strict=True):
-            values = {k: (None if v is None else str(v)) for k, v in (pv or {}).items()}
-            out.append((urllib.parse.unquote(p), int(s), values))
-        return out
+        return _old_files(add_actions(dt_))
 
     def commit_delta(
         self,
         *,
         table: str,
-        src_path: str,
+        src_paths: Sequence[str],
         schema: pa.Schema,
         partition_by: tuple[str, ...],
-        staged_dir: Path,
-        files: list[WrittenFile],
+        files: Sequence[tuple[Path, WrittenFile]],
+        scratch: Path,
         run_id: str,
     ) -> DeltaCommit | None:
-        """Replace ``src_path``'s rows in the Delta table with ``files`` in one commit (None when
-        there was nothing to replace and nothing to add)."""
-        from bronze_assets.compaction import rewrite_without_source
+        """Replace the rows of ``src_paths`` in the Delta table with ``files`` (each with the
+        folder it was written in) in one commit; None when there was nothing to replace and
+        nothing to add. Files shared by several sources that hold rows of these sources are
+        rewritten without them, under ``scratch``, in the same commit."""
+        from bronze_assets.compaction import rewrite_without_sources
 
         dt_ = self.ensure_delta(table, schema, partition_by)
         self._add_new_columns(dt_, schema)
-        old = self.source_files(dt_, src_path)
-        # Rows of this source that compaction merged into shared files: those files are rewritten
-        # without them, in the same commit.
-        shared_old, rewritten = rewrite_without_source(self, dt_, table, src_path, staged_dir)
+        old = self.source_files(dt_, src_paths)
+        shared_old, rewritten = rewrite_without_sources(self, dt_, table, src_paths, scratch)
         old += shared_old
-        files = files + rewritten
-        if not old and not files:
+        placed = [*files, *((scratch, f) for f in rewritten)]
+        if not old and not placed:
             return None
         delta_dir = self.delta_dir(table)
         now_ms = int(time.time() * 1000)
         actions: list[AddAction | RemoveAction] = []
-        for f in files:
-            _link(staged_dir / f.relpath, delta_dir / f.relpath)
+        for folder, f in placed:
+            _link(folder / f.relpath, delta_dir / f.relpath)
             actions.append(
                 AddAction(
                     path=uri_path(f.relpath),
@@ -506,16 +543,41 @@ class Lake:
         for path, size, values in old:
             actions.append(RemoveAction(uri_path(path), True, now_ms, size, values))
         step("delta.linked")
+        metadata = {"bronze.operation": "ingest", "bronze.run_id": run_id, "bronze.sources": str(len(src_paths))}
+        if len(src_paths) == 1:
+            metadata["bronze.src_path"] = src_paths[0]
         dt_.create_write_transaction(
             actions,
             mode="append",
             schema=self.table_schema(dt_),
             partition_by=list(partition_by) or None,
-            commit_properties=CommitProperties(custom_metadata={"bronze.src_path": src_path, "bronze.run_id": run_id}),
+            commit_properties=CommitProperties(custom_metadata=metadata),
         )
         step("delta.committed")
         dt_.update_incremental()
-        return DeltaCommit(table, dt_.version(), [f.relpath for f in files], [p for p, _, _ in old])
+        return DeltaCommit(table, dt_.version(), [f.relpath for _, f in placed], [p for p, _, _ in old])
+
+    @staticmethod
+    def commit_delta_of(
+        lake: Lake,
+        table: Table,
+        *,
+        src_paths: Sequence[str],
+        schema: pa.Schema,
+        files: Sequence[tuple[Path, WrittenFile]],
+        scratch: Path,
+        run_id: str,
+    ) -> DeltaCommit | None:
+        """``commit_delta`` for a declared table (the same call shape as ``commit_upsert``)."""
+        return lake.commit_delta(
+            table=table.name,
+            src_paths=src_paths,
+            schema=schema,
+            partition_by=table.partition_by,
+            files=files,
+            scratch=scratch,
+            run_id=run_id,
+        )
 
     def commit_actions(self, table: str, version: int) -> DeltaCommit:
         """What the Delta commit ``version`` of ``table`` added and removed (paths relative to the
@@ -541,14 +603,6 @@ class Lake:
         for rel in commit.removed:
             _remove(parquet_dir / rel)
         step("parquet.mirrored")
-
-    def publish(self, **kwargs: Any) -> int | None:
-        """Both outputs at once (the command line's path): the Delta commit, then the mirror."""
-        commit = self.commit_delta(**kwargs)
-        if commit is None:
-            return None
-        self.mirror_parquet(commit)
-        return commit.version
 
     @staticmethod
     def _add_new_columns(dt_: DeltaTable, schema: pa.Schema) -> None:

@@ -135,18 +135,23 @@ class Manifest:
             ).fetchall()
         return {t: json.loads(c) for t, c in fetched}
 
-    def record(self, row: ManifestRow, *, schema_rows: Sequence[tuple[str, str, list[str], str | None]] = ()) -> None:
-        """Insert or replace ``row`` and append schema history rows, in one transaction."""
-        if self.read_only:
+    def record(
+        self, rows: Sequence[ManifestRow], *, schema_rows: Sequence[tuple[str, str, list[str], str | None]] = ()
+    ) -> None:
+        """Insert or replace ``rows`` and append schema history rows, in one transaction."""
+        if self.read_only or not (rows or schema_rows):
             return
         with self.connect() as con:
             con.execute("BEGIN TRANSACTION")
             try:
-                con.execute("DELETE FROM manifest_processed_files WHERE src_path = ?", [row.src_path])
                 con.execute(
+                    "DELETE FROM manifest_processed_files WHERE src_path IN (SELECT unnest(?::TEXT[]))",
+                    [[r.src_path for r in rows]],
+                )
+                con.executemany(
                     f"INSERT INTO manifest_processed_files ({', '.join(COLUMNS)}) "
                     f"VALUES ({', '.join('?' for _ in COLUMNS)})",
-                    [getattr(row, c) for c in COLUMNS],
+                    [[getattr(row, c) for c in COLUMNS] for row in rows],
                 )
                 now = utcnow()
                 for table_name, src_path, columns, change in schema_rows:
@@ -173,10 +178,15 @@ class Manifest:
         with self.connect() as con:
             return dict(con.execute("SELECT source_path, last_version FROM watermarks").fetchall())
 
-    def set_watermark(self, source_path: str, table_name: str, version: int) -> None:
-        if self.read_only:
+    def set_watermarks(self, marks: Sequence[tuple[str, str, int]]) -> None:
+        """Record (source_path, table_name, last_version) of Delta sources."""
+        if self.read_only or not marks:
             return
+        latest: dict[str, tuple[str, str, int]] = {}
+        for mark in marks:
+            latest[mark[0]] = mark if mark[0] not in latest else max(latest[mark[0]], mark, key=lambda m: m[2])
+        now = utcnow()
         with self.connect() as con:
-            con.execute(
-                "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?)", [source_path, table_name, version, utcnow()]
+            con.executemany(
+                "INSERT OR REPLACE INTO watermarks VALUES (?, ?, ?, ?)", [[*m, now] for m in latest.values()]
             )

@@ -1,6 +1,12 @@
-"""Stage one source (read, validate, write its files and rejects under ``lake/_staging/``), then
-publish it: the Delta commit, the Parquet mirror. The run (``ingest.py``) and the Dagster IO
-managers call these same functions, each front door in its own order of steps.
+"""Stage sources (read, validate, write their files and rejects under ``lake/_staging/``), then
+publish them in batches: one Delta commit per batch, then the Parquet mirror. The run
+(``ingest.py``) and the Dagster IO managers call these same functions, each front door in its
+own order of steps.
+
+A source is staged whole before anything of it is published. Its valid rows are held in memory
+while it is small (up to SMALL_SOURCE_BYTES) and then coalesced with the other small sources of
+the batch into shared files, so that a thousand small files make a few well-sized data files and
+one commit, not a thousand of each; a larger source writes its own files as it is read.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,6 +33,7 @@ from bronze_assets.lake import (
     PartitionedWriter,
     RejectsWriter,
     WrittenFile,
+    hive_value,
     source_id,
 )
 from bronze_assets.readers import Reading, open_source
@@ -37,6 +44,9 @@ from schemas.schemas import Table, ValidationMode
 Status = Literal["success", "duplicate", "rejected", "failed"]
 Progress = Callable[[str], None]
 PROGRESS_EVERY_S = 2.0
+SMALL_SOURCE_BYTES = 32 << 20  # valid rows of a source held in memory, to be coalesced with others
+BATCH_SOURCES = 2_000  # sources published in one commit at most
+SHARED_PREFIX = "batch-"
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,9 @@ class Settings:
     target_file_bytes: int = TARGET_FILE_BYTES
     lock_timeout: float | None = None
     only: tuple[str, ...] | None = None  # restrict the run to these sources (Dagster partition keys)
+    # A source whose valid rows stay under this many bytes is coalesced with others into shared
+    # files; a larger one writes files of its own (0: every source does).
+    small_source_bytes: int = SMALL_SOURCE_BYTES
 
 
 @dataclass
@@ -94,8 +107,9 @@ class Staged:
     files: list[WrittenFile] = field(default_factory=list)
     rejects_path: Path | None = None
     replace: bool = True  # the lake's rows of this source are replaced (by ``files``, maybe none)
-    commit: DeltaCommit | None = None
     watermark: int | None = None  # a Delta source version to record once published
+    # A small source's valid rows, until its batch writes them into the shared files.
+    buffered: list[pa.Table] = field(default_factory=list)
 
     @property
     def data_dir(self) -> Path:
@@ -111,6 +125,97 @@ class _Counting:
 
     def write(self, table: pa.Table) -> None:
         self.rows += table.num_rows
+
+
+class _Deferred:
+    """The writer of a source that may be small: its rows are held until they pass ``limit``
+    bytes, and only then written to the source's own files (``make()``), with the rest."""
+
+    def __init__(self, make: Callable[[], PartitionedWriter], limit: int) -> None:
+        self.make = make
+        self.limit = limit
+        self.tables: list[pa.Table] = []
+        self.nbytes = 0
+        self.writer: PartitionedWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is not None:
+            self.writer.write(table)
+            return
+        if table.num_rows:
+            self.tables.append(table)
+            self.nbytes += table.nbytes
+        if self.nbytes > self.limit:
+            self.writer = self.make()
+            for held in self.tables:
+                self.writer.write(held)
+            self.tables, self.nbytes = [], 0
+
+    def close(self) -> list[WrittenFile]:
+        return self.writer.close() if self.writer is not None else []
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+        self.tables, self.nbytes = [], 0
+
+
+Writer = PartitionedWriter | _Deferred | _Counting
+
+
+@dataclass
+class Batch:
+    """Staged sources of one table published together: one Delta commit adds the files they
+    wrote (their own, and the shared ones their held rows were coalesced into) and removes the
+    files of what they held before (for an upserted table, in its history, followed by one MERGE
+    of the new winners); then each is recorded."""
+
+    table: Table
+    run_id: str
+    members: list[Staged] = field(default_factory=list)
+    folder: Path | None = None  # lake/_staging/<token>: the shared files, under data/
+    files: list[WrittenFile] = field(default_factory=list)  # shared files, once closed
+    commit: DeltaCommit | None = None
+    held_bytes: int = 0
+    _writer: PartitionedWriter | None = None
+
+    def add(self, staged: Staged, *, lake: Lake, target_file_bytes: int) -> None:
+        self.members.append(staged)
+        if not staged.buffered:
+            return
+        if self._writer is None:
+            token = uuid.uuid4().hex[:12]
+            self.folder = lake.staging_root / f"batch-{token}"
+            self._writer = PartitionedWriter(
+                self.folder / "data",
+                staged.schema or output_schema(self.table),
+                partition_by=self.table.partition_by,
+                prefix=f"{SHARED_PREFIX}{token}",
+                target_file_bytes=target_file_bytes,
+            )
+        for held in staged.buffered:
+            self._writer.write(held)
+            self.held_bytes += held.nbytes
+        staged.buffered = []
+        step("batch.added")
+
+    @property
+    def full(self) -> bool:
+        return len(self.members) >= BATCH_SOURCES or self.held_bytes >= TARGET_FILE_BYTES * 2
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self.files = self._writer.close()
+            self._writer = None
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+    @property
+    def outcomes(self) -> list[Outcome]:
+        return [m.outcome for m in self.members]
 
 
 def stage_source(
@@ -132,13 +237,13 @@ def stage_source(
     rejects = None if settings.dry_run else RejectsWriter(folder / "rejects.csv")
     outcome = Outcome(source.src_path, source.table, "success")
     staged = Staged(source, table, outcome, run_id, folder=folder)
-    writer: PartitionedWriter | _Counting | None = None
+    writer: Writer | None = None
     try:
         staged.columns, writer, staged.schema = _stream(
             source, table, folder, rejects, outcome, settings, ingestion_ts, token, progress, opener
         )
     except UnreadableFile as exc:
-        if isinstance(writer, PartitionedWriter):
+        if isinstance(writer, PartitionedWriter | _Deferred):
             writer.abort()
         if rejects is not None:
             rejects.discard()
@@ -160,11 +265,13 @@ def stage_source(
         outcome.status = "failed"
         outcome.error = f"strict mode: {outcome.reject_count} record(s) rejected"
         outcome.rows = 0
-        if isinstance(writer, PartitionedWriter):
+        if isinstance(writer, PartitionedWriter | _Deferred):
             writer.abort()
         writer = None
-    if isinstance(writer, PartitionedWriter):
+    if isinstance(writer, PartitionedWriter | _Deferred):
         staged.files = writer.close()
+    if isinstance(writer, _Deferred):
+        staged.buffered = writer.tables
     if rejects is not None:
         rejects.close()
         staged.rejects_path = rejects.path
@@ -173,62 +280,91 @@ def stage_source(
     outcome.files = len(staged.files)
     outcome.bytes = sum(f.size for f in staged.files)
     outcome.partitions = {f.relpath.rsplit("/", 1)[0] for f in staged.files if "/" in f.relpath}
+    for held in staged.buffered:
+        outcome.partitions |= _partitions(held, table)
     outcome.seconds = time.monotonic() - started
     step("stage.done")
     return staged
 
 
-def commit_staged(lake: Lake, staged: Staged) -> None:
-    """The Delta half of publishing: one commit replacing the source's rows with its files (for
-    an upserted table, its records in the history, then a MERGE of the new winners).
-    A strict-mode failure loads nothing and withdraws what the source held before."""
-    if not staged.replace:
+def _partitions(rows: pa.Table, table: Table) -> set[str]:
+    """The hive folders the rows go to."""
+    if not table.partition_by or not rows.num_rows:
+        return set()
+    values = rows.select(list(table.partition_by)).group_by(list(table.partition_by)).aggregate([]).to_pylist()
+    return {"/".join(f"{c}={hive_value(v[c])}" for c in table.partition_by) for v in values}
+
+
+def commit_batch(lake: Lake, batch: Batch) -> None:
+    """The Delta half of publishing: one commit replacing the rows of the batch's sources with
+    the files they wrote (for an upserted table's source, its records in the history, then a
+    MERGE of the new winners). A strict-mode failure loads nothing and withdraws what the source
+    held before, and so does a path that became a duplicate."""
+    table = batch.table
+    replacing = [m for m in batch.members if m.replace]
+    if not replacing:
         return
-    failed = staged.outcome.status == "failed"
-    table = staged.table
     upsert = table.write_mode == "upsert"
-    if failed and (lake.history if upsert else lake).delta_table(table.name) is None:
+    loads = [m for m in replacing if m.outcome.status != "failed"]
+    if not loads and (lake.history if upsert else lake).delta_table(table.name) is None:
         return
-    kwargs = {
-        "src_path": staged.source.src_path,
-        "schema": staged.schema if staged.schema is not None and not failed else output_schema(table),
-        "staged_dir": staged.data_dir if staged.folder is not None else lake.staging_root,
-        "files": [] if failed else staged.files,
-        "run_id": staged.run_id,
-    }
-    if upsert:
-        staged.commit = commit_upsert(lake, table, **kwargs)  # type: ignore[arg-type]
-    else:
-        staged.commit = lake.commit_delta(table=table.name, partition_by=table.partition_by, **kwargs)  # type: ignore[arg-type]
-    if staged.commit is not None:
-        staged.outcome.delta_version = staged.commit.version
+    schema = _union(m.schema for m in loads) or output_schema(table)
+    files = [(m.data_dir, f) for m in loads for f in m.files]
+    if batch.folder is not None:
+        files += [(batch.folder / "data", f) for f in batch.files]
+    publish = commit_upsert if upsert else lake.commit_delta_of
+    batch.commit = publish(
+        lake,
+        table,
+        src_paths=[m.source.src_path for m in replacing],
+        schema=schema,
+        files=files,
+        scratch=_scratch(lake, batch.folder or replacing[0].folder),
+        run_id=batch.run_id,
+    )
+    if batch.commit is not None:
+        for m in replacing:
+            m.outcome.delta_version = batch.commit.version
 
 
-def mirror_staged(lake: Lake, staged: Staged) -> None:
+def _union(schemas: Iterable[pa.Schema | None]) -> pa.Schema | None:
+    """Every column of the sources' schemas (an upserted table's sources may add columns)."""
+    present = [s for s in schemas if s is not None]
+    return pa.unify_schemas(present) if present else None
+
+
+def _scratch(lake: Lake, folder: Path | None) -> Path:
+    """Where a commit writes the shared files it rewrites: inside a staging folder that the
+    batch removes once recorded."""
+    return (folder if folder is not None else lake.staging_root / uuid.uuid4().hex[:12]) / "rewrites"
+
+
+def mirror_batch(lake: Lake, batch: Batch) -> None:
     """The Parquet half of publishing: follow the Delta commit."""
-    if staged.commit is not None:
-        lake.mirror_parquet(staged.commit)
+    if batch.commit is not None:
+        lake.mirror_parquet(batch.commit)
 
 
-def publish_delta(lake: Lake, staged: Staged) -> None:
-    """``commit_staged``, with an error recorded on the source instead of raised."""
+def publish_delta(lake: Lake, batch: Batch) -> None:
+    """``commit_batch``, with an error recorded on its sources instead of raised."""
     try:
-        commit_staged(lake, staged)
+        commit_batch(lake, batch)
     except Exception as exc:
-        _fail(staged, f"writing the lake: {type(exc).__name__}: {exc}")
+        _fail(batch, f"writing the lake: {type(exc).__name__}: {exc}")
 
 
-def publish_parquet(lake: Lake, staged: Staged) -> None:
-    """``mirror_staged``, with an error recorded on the source instead of raised."""
+def publish_parquet(lake: Lake, batch: Batch) -> None:
+    """``mirror_batch``, with an error recorded on its sources instead of raised."""
     try:
-        mirror_staged(lake, staged)
+        mirror_batch(lake, batch)
     except OSError as exc:
-        _fail(staged, f"writing the Parquet mirror: {exc}")
+        _fail(batch, f"writing the Parquet mirror: {exc}")
 
 
-def _fail(staged: Staged, message: str) -> None:
-    staged.outcome.status = "failed"
-    staged.outcome.error = message.splitlines()[0]
+def _fail(batch: Batch, message: str) -> None:
+    for m in batch.members:
+        m.outcome.status = "failed"
+        m.outcome.error = message.splitlines()[0]
 
 
 def place_rejects(lake: Lake, staged: Staged) -> None:
@@ -239,9 +375,11 @@ def place_rejects(lake: Lake, staged: Staged) -> None:
         lake.rejects_file(staged.table.name, staged.source.src_path).unlink(missing_ok=True)
 
 
-def discard(staged: Staged) -> None:
-    if staged.folder is not None:
-        shutil.rmtree(staged.folder, ignore_errors=True)
+def discard(batch: Batch) -> None:
+    """Remove the batch's staging folders (the last step of publishing)."""
+    for folder in [m.folder for m in batch.members] + [batch.folder]:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _stream(
@@ -255,7 +393,7 @@ def _stream(
     token: str,
     progress: Progress,
     opener: Callable[[RawSource], Reading],
-) -> tuple[list[str], PartitionedWriter | _Counting, pa.Schema]:
+) -> tuple[list[str], Writer, pa.Schema]:
     reading = opener(source)
     columns = list(reading.columns)
     force: tuple[str, str] | None = None
@@ -265,16 +403,21 @@ def _stream(
             force = ("SCHEMA_MISMATCH", f"missing required column(s): {', '.join(missing)}")
     schema = output_schema(table, extra_columns=added_columns(table, columns, reading.schema))
 
-    def new_writer(sub: str) -> PartitionedWriter | _Counting:
-        if settings.dry_run:
-            return _Counting()
+    def own_files() -> PartitionedWriter:
         return PartitionedWriter(
-            folder / sub,
+            folder / "data",
             schema,
             partition_by=table.partition_by,
             prefix=f"{source_id(source.src_path)}-{token}",
             target_file_bytes=settings.target_file_bytes,
         )
+
+    def new_writer(sub: str) -> Writer:
+        if settings.dry_run:
+            return _Counting()
+        if table.write_mode == "upsert":
+            return own_files()  # an upserted table's history keeps each source in files of its own
+        return _Deferred(own_files, settings.small_source_bytes)
 
     writer = new_writer("data")
     keys_seen = _consume(reading, table, schema, writer, rejects, outcome, source, ingestion_ts, force, progress)
@@ -283,7 +426,7 @@ def _stream(
         missing = tuple(c for c in table.required if c not in keys_seen)
         if missing and (outcome.rows or outcome.reject_count):
             # Known only once every record was read: start again, rejecting every record.
-            if isinstance(writer, PartitionedWriter):
+            if isinstance(writer, PartitionedWriter | _Deferred):
                 writer.abort()
                 shutil.rmtree(folder / "data", ignore_errors=True)
             writer = new_writer("data")
@@ -302,7 +445,7 @@ def _consume(
     reading: Reading,
     table: Table,
     schema: pa.Schema,
-    writer: PartitionedWriter | _Counting,
+    writer: Writer,
     rejects: RejectsWriter | None,
     outcome: Outcome,
     source: RawSource,

@@ -51,25 +51,25 @@ def commit_upsert(
     lake: Lake,
     table: Table,
     *,
-    src_path: str,
+    src_paths: Sequence[str],
     schema: pa.Schema,
-    staged_dir: Path,
-    files: list[WrittenFile],
+    files: Sequence[tuple[Path, WrittenFile]],
+    scratch: Path,
     run_id: str,
 ) -> DeltaCommit | None:
-    """Replace ``src_path``'s records in the history of ``table`` with ``files``, then merge the
-    new winners of the keys concerned into the bronze Delta table. Returns the bronze commit
-    (None when the bronze table did not change)."""
+    """Replace the records of ``src_paths`` in the history of ``table`` with ``files`` (each with
+    the folder it was written in), then merge the new winners of the keys concerned into the
+    bronze Delta table. Returns the bronze commit (None when the bronze table did not change)."""
     history = lake.history
     if not files and history.delta_table(table.name) is None:
         return None
     h = history.commit_delta(
         table=table.name,
-        src_path=src_path,
+        src_paths=src_paths,
         schema=schema,
         partition_by=(),
-        staged_dir=staged_dir,
         files=files,
+        scratch=scratch,
         run_id=run_id,
     )
     if h is None:
@@ -77,7 +77,7 @@ def commit_upsert(
     step("history.committed")
     hdir = history.delta_dir(table.name)
     touched = [hdir / p for p in (*h.added, *h.removed)]
-    return merge_winners(lake, table, touched=touched, history_version=h.version, src_path=src_path, run_id=run_id)
+    return merge_winners(lake, table, touched=touched, history_version=h.version, run_id=run_id)
 
 
 def merge_winners(
@@ -86,7 +86,6 @@ def merge_winners(
     *,
     touched: Sequence[Path],
     history_version: int,
-    src_path: str,
     run_id: str,
 ) -> DeltaCommit | None:
     """MERGE into the bronze table the winners of the keys found in the history files
@@ -115,7 +114,7 @@ def merge_winners(
         on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
         props = CommitProperties(
             app_transactions=[Transaction(app_id=app_id(table.name), version=history_version)],
-            custom_metadata={"bronze.src_path": src_path, "bronze.run_id": run_id, "bronze.operation": "upsert"},
+            custom_metadata={"bronze.run_id": run_id, "bronze.operation": "upsert"},
         )
         (
             bronze.merge(reader, predicate=on, source_alias="s", target_alias="t", merge_schema=True, commit_properties=props)
@@ -147,14 +146,13 @@ def catch_up(lake: Lake, table: Table, *, run_id: str) -> DeltaCommit | None:
     touched: list[Path] = []
     hdir = history.delta_dir(table.name)
     for version in range(done + 1, hdt.version() + 1):
-        info = _commit_info(hdir, version)
-        if info.get("bronze.src_path") is None:
+        if _commit_info(hdir, version).get("bronze.operation") != "ingest":
             continue  # table creation, compaction: no record changed
         commit = history.commit_actions(table.name, version)
         touched += [hdir / p for p in (*commit.added, *commit.removed)]
     if not touched:
         return None
-    merged = merge_winners(lake, table, touched=touched, history_version=hdt.version(), src_path="", run_id=run_id)
+    merged = merge_winners(lake, table, touched=touched, history_version=hdt.version(), run_id=run_id)
     if merged is not None:
         lake.mirror_parquet(merged)
     return merged

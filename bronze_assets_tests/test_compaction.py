@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from bronze_assets.compaction import COMPACTED_PREFIX, compact_lake, compact_table, rewrite_without_source, vacuum_table
+from bronze_assets.compaction import COMPACTED_PREFIX, compact_lake, compact_table, rewrite_without_sources, vacuum_table
 from bronze_assets.ingest import RunResult, Settings, run
 from bronze_assets.lake import Lake, uri_path
 from schemas.schemas import TABLES, TABLES_BY_NAME
@@ -114,10 +114,12 @@ class LakeEnv:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An orders lake with five sources over three days (five small files per partition)."""
+    """An orders lake with five sources over three days, each ingested by a run of its own (five
+    small files per partition: one run coalesces its small sources into shared files)."""
     env = LakeEnv(tmp_path_factory.mktemp("base"))
-    result = env.ingest({src: orders_csv(first) for src, first in SOURCES.items()})
-    assert [(o.src_path, o.status, o.rows) for o in result.outcomes] == [(s, "success", 6) for s in SOURCES]
+    for src, first in SOURCES.items():
+        result = env.ingest({src: orders_csv(first)})
+        assert [(o.src_path, o.status, o.rows) for o in result.outcomes] == [(src, "success", 6)]
     return env.root
 
 
@@ -200,8 +202,8 @@ def test_only_small_files_are_compacted(env: LakeEnv) -> None:
     big = [ORDERS_HEADER] + [
         f"{i},1,3,100,2024-01-02,2024-01-02T10:00:00Z,2,9.99,5.00,EUR,PAID,card" for i in range(5000, 9000)
     ]
-    env.ingest({"orders/big.csv": ("\n".join(big) + "\n").encode()})
-    ((big_file, big_size, _),) = env.lake.source_files(env.delta(), "orders/big.csv")
+    env.ingest({"orders/big.csv": ("\n".join(big) + "\n").encode()}, small_source_bytes=0)  # files of its own
+    ((big_file, big_size, _),) = env.lake.source_files(env.delta(), ["orders/big.csv"])
     rows = env.rows()
 
     result = compact_table(env.lake, ORDERS, target_file_bytes=2 * big_size, small_file_bytes=big_size)
@@ -253,7 +255,8 @@ def test_a_changed_source_replaces_exactly_its_rows_in_compacted_files(compacted
 def test_a_compacted_file_left_without_rows_is_removed(tmp_path: Path) -> None:
     env = LakeEnv(tmp_path)
     # a: one row on each day; b: one row on 2024-01-04, where compaction merges it with a's.
-    env.ingest({"orders/a.csv": orders_csv(100, 3), "orders/b.csv": orders_csv(200, 1)})
+    env.ingest({"orders/a.csv": orders_csv(100, 3)})
+    env.ingest({"orders/b.csv": orders_csv(200, 1)})
     assert compact_table(env.lake, ORDERS, target_file_bytes=BIG).partitions_compacted == 1
     env.ingest({"orders/b.csv": orders_csv(201, 1)})  # b moves to 2024-01-02: the compacted file keeps a's row
     assert sum(p.startswith("order_dt=2024-01-04/" + COMPACTED_PREFIX) for p in env.files()) == 1
@@ -287,9 +290,9 @@ def test_rewrite_without_source_skips_files_by_statistics(compacted: LakeEnv, tm
     dt_ = compacted.delta()
     staged = tmp_path / "staged"
     # Outside every file's src_filename range, and inside the range but absent: nothing to do.
-    assert rewrite_without_source(compacted.lake, dt_, "orders", "orders/zz.csv", staged) == ([], [])
-    assert rewrite_without_source(compacted.lake, dt_, "orders", "orders/aa.csv", staged) == ([], [])
-    removed, written = rewrite_without_source(compacted.lake, dt_, "orders", "orders/b.csv", staged)
+    assert rewrite_without_sources(compacted.lake, dt_, "orders", ["orders/zz.csv"], staged) == ([], [])
+    assert rewrite_without_sources(compacted.lake, dt_, "orders", ["orders/aa.csv"], staged) == ([], [])
+    removed, written = rewrite_without_sources(compacted.lake, dt_, "orders", ["orders/b.csv"], staged)
     assert sorted(p for p, _, _ in removed) == compacted.files()
     assert all(values == {"order_dt": p[9:19]} for p, _, values in removed)
     assert sorted(w.relpath for w in written) != sorted(p for p, _, _ in removed)
