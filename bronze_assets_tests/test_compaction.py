@@ -15,7 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from bronze_assets.compaction import COMPACTED_PREFIX, compact_lake, compact_table, rewrite_without_sources, vacuum_table
+from bronze_assets.compaction import (
+    COMPACTED_PREFIX,
+    compact_lake,
+    compact_table,
+    rewrite_without_sources,
+    vacuum_table,
+)
 from bronze_assets.ingest import RunResult, Settings, run
 from bronze_assets.lake import Lake, uri_path
 from schemas.schemas import TABLES, TABLES_BY_NAME
