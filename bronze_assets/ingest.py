@@ -326,22 +326,22 @@ class Session:
         BATCH_SOURCES sources or twice the target file size of coalesced rows. The versions of a
         Delta source are never split (one that fails to publish must block those after it)."""
         current: Batch | None = None
-        target = self.settings.target_file_bytes
+        settings, lake = self.settings, self.lake
         for source in sources:
             for staged in self.stage(source):
                 if current is not None and current.table.name != staged.table.name:
-                    current.close()
+                    current.close(lake=lake, settings=settings)
                     yield current
                     current = None
                 if current is None:
                     current = Batch(staged.table, self.run_id)
-                current.add(staged, lake=self.lake, target_file_bytes=target)
+                current.add(staged, lake=lake, settings=settings)
             if current is not None and current.full:
-                current.close()
+                current.close(lake=lake, settings=settings)
                 yield current
                 current = None
         if current is not None:
-            current.close()
+            current.close(lake=lake, settings=settings)
             yield current
 
     # -- publishing and recording --------------------------------------------------------------

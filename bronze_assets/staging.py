@@ -12,11 +12,12 @@ one commit, not a thousand of each; a larger source writes its own files as it i
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -36,7 +37,7 @@ from bronze_assets.lake import (
     hive_value,
     source_id,
 )
-from bronze_assets.readers import Reading, open_source
+from bronze_assets.readers import RawKind, Reading, open_source
 from bronze_assets.upsert import commit_upsert
 from bronze_assets.validation import Validator, added_columns, output_schema, rejects_for_file
 from schemas.schemas import Table, ValidationMode
@@ -44,6 +45,9 @@ from schemas.schemas import Table, ValidationMode
 Status = Literal["success", "duplicate", "rejected", "failed"]
 Progress = Callable[[str], None]
 PROGRESS_EVERY_S = 2.0
+HOLD_RAW_BYTES = 8 << 20  # sources up to this size on disk are read whole, then validated with others
+HOLD_ROWS = 100_000  # ... if they hold no more records than this
+VALIDATE_ROWS = 200_000  # held records validated in one statement
 SMALL_SOURCE_BYTES = 32 << 20  # valid rows of a source held in memory, to be coalesced with others
 BATCH_SOURCES = 2_000  # sources published in one commit at most
 SHARED_PREFIX = "batch-"
@@ -110,6 +114,7 @@ class Staged:
     watermark: int | None = None  # a Delta source version to record once published
     # A small source's valid rows, until its batch writes them into the shared files.
     buffered: list[pa.Table] = field(default_factory=list)
+    held: _Held | None = None  # a small source read, waiting to be validated with others
 
     @property
     def data_dir(self) -> Path:
@@ -177,10 +182,29 @@ class Batch:
     files: list[WrittenFile] = field(default_factory=list)  # shared files, once closed
     commit: DeltaCommit | None = None
     held_bytes: int = 0
+    held_rows: int = 0  # records of held sources not validated yet
     _writer: PartitionedWriter | None = None
 
-    def add(self, staged: Staged, *, lake: Lake, target_file_bytes: int) -> None:
+    def add(self, staged: Staged, *, lake: Lake, settings: Settings) -> None:
         self.members.append(staged)
+        if staged.held is not None:
+            self.held_rows += staged.held.rows
+            if self.held_rows >= VALIDATE_ROWS:
+                self.validate(lake=lake, settings=settings)
+            return
+        self._coalesce(staged, lake=lake, target_file_bytes=settings.target_file_bytes)
+
+    def validate(self, *, lake: Lake, settings: Settings) -> None:
+        """Validate the held sources, then coalesce their valid rows into the shared files."""
+        pending = [m for m in self.members if m.held is not None]
+        if not pending:
+            return
+        validate_held(pending, settings=settings)
+        self.held_rows = 0
+        for m in pending:
+            self._coalesce(m, lake=lake, target_file_bytes=settings.target_file_bytes)
+
+    def _coalesce(self, staged: Staged, *, lake: Lake, target_file_bytes: int) -> None:
         if not staged.buffered:
             return
         if self._writer is None:
@@ -203,7 +227,9 @@ class Batch:
     def full(self) -> bool:
         return len(self.members) >= BATCH_SOURCES or self.held_bytes >= TARGET_FILE_BYTES * 2
 
-    def close(self) -> None:
+    def close(self, *, lake: Lake, settings: Settings) -> None:
+        """Validate what is still held and close the shared files."""
+        self.validate(lake=lake, settings=settings)
         if self._writer is not None:
             self.files = self._writer.close()
             self._writer = None
@@ -218,6 +244,20 @@ class Batch:
         return [m.outcome for m in self.members]
 
 
+@dataclass
+class _Held:
+    """A small source read but not validated yet: its record batches wait to be validated in one
+    statement with the other small sources of its batch (``validate_held``)."""
+
+    raw_kind: RawKind
+    batches: list[pa.RecordBatch]
+    ingestion_ts: dt.datetime
+    rejects: RejectsWriter | None
+    mode: ValidationMode
+    started: float
+    rows: int
+
+
 def stage_source(
     source: RawSource,
     table: Table,
@@ -228,7 +268,9 @@ def stage_source(
     progress: Progress,
     opener: Callable[[RawSource], Reading] = open_source,
 ) -> Staged:
-    """Read and validate one source; unless dry, write its files and rejects under staging."""
+    """Read and validate one source; unless dry, write its files and rejects under staging. A
+    small source of an appended table is only read: it is validated with the others of its
+    batch (``staged.held`` until then)."""
     started = time.monotonic()
     mode = settings.validation_mode or table.validation_mode
     ingestion_ts = dt.datetime.now(dt.UTC)
@@ -239,28 +281,55 @@ def stage_source(
     staged = Staged(source, table, outcome, run_id, folder=folder)
     writer: Writer | None = None
     try:
-        staged.columns, writer, staged.schema = _stream(
-            source, table, folder, rejects, outcome, settings, ingestion_ts, token, progress, opener
-        )
+        reading = opener(source)
+        staged.columns, force, staged.schema = _plan(reading, table)
+        batches: Iterator[pa.RecordBatch] = iter(reading.batches)
+        small = source.size <= min(HOLD_RAW_BYTES, settings.small_source_bytes)
+        if force is None and small and table.write_mode != "upsert" and source.format != "delta":
+            held, rest = _take(batches, HOLD_ROWS)
+            if rest is None:
+                staged.held = _Held(reading.raw_kind, held, ingestion_ts, rejects, mode, started, sum(b.num_rows for b in held))
+                step("stage.read")
+                return staged
+            batches = itertools.chain(held, rest)
+        writer = _new_writer(source, table, folder, staged.schema, settings, token)
+        staged.columns, writer = _stream(
+            source, table, batches, reading.raw_kind, staged.columns, force, staged.schema, folder, rejects, outcome,
+            settings, ingestion_ts, token, progress, opener, writer,
+        )  # fmt: skip
     except UnreadableFile as exc:
         if isinstance(writer, PartitionedWriter | _Deferred):
             writer.abort()
-        if rejects is not None:
-            rejects.discard()
-        outcome = staged.outcome = Outcome(source.src_path, source.table, "rejected", error=exc.detail)
-        outcome.rejects["UNREADABLE_FILE"] = 1
-        staged.columns = None
-        if rejects is not None:
-            rejects.write(
-                rejects_for_file(
-                    src_filename=source.src_path,
-                    reason="UNREADABLE_FILE",
-                    detail=exc.detail,
-                    raw_records=[(None, "")],
-                    ingestion_ts=ingestion_ts,
-                )
-            )
+        _unreadable(staged, exc, rejects, ingestion_ts)
         writer = None
+    _finish_staging(staged, writer, rejects, mode, started)
+    return staged
+
+
+def _unreadable(staged: Staged, exc: UnreadableFile, rejects: RejectsWriter | None, ingestion_ts: dt.datetime) -> None:
+    source = staged.source
+    if rejects is not None:
+        rejects.discard()
+    outcome = staged.outcome = Outcome(source.src_path, source.table, "rejected", error=exc.detail)
+    outcome.rejects["UNREADABLE_FILE"] = 1
+    staged.columns = None
+    if rejects is not None:
+        rejects.write(
+            rejects_for_file(
+                src_filename=source.src_path,
+                reason="UNREADABLE_FILE",
+                detail=exc.detail,
+                raw_records=[(None, "")],
+                ingestion_ts=ingestion_ts,
+            )
+        )
+
+
+def _finish_staging(
+    staged: Staged, writer: Writer | None, rejects: RejectsWriter | None, mode: ValidationMode, started: float
+) -> None:
+    """Strict mode, the files written, the rejects closed, and the outcome's figures."""
+    outcome, table = staged.outcome, staged.table
     if outcome.status == "success" and outcome.reject_count and mode == "strict":
         outcome.status = "failed"
         outcome.error = f"strict mode: {outcome.reject_count} record(s) rejected"
@@ -284,7 +353,91 @@ def stage_source(
         outcome.partitions |= _partitions(held, table)
     outcome.seconds = time.monotonic() - started
     step("stage.done")
-    return staged
+
+
+def _take(batches: Iterator[pa.RecordBatch], limit: int) -> tuple[list[pa.RecordBatch], Iterator[pa.RecordBatch] | None]:
+    """The batches, if there are at most ``limit`` rows in all (then None for the rest); else
+    those taken so far and the iterator of the others."""
+    taken: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in batches:
+        taken.append(batch)
+        rows += batch.num_rows
+        if rows > limit:
+            return taken, batches
+    return taken, None
+
+
+def validate_held(members: Sequence[Staged], *, settings: Settings) -> None:
+    """Validate the held small sources: one statement per table and source layout (same
+    columns, same kind of raw record) for all of them, then each is finished as if validated
+    alone. JSON sources that turn out to lack a required key in every record are done again,
+    each on its own, as SCHEMA_MISMATCH."""
+    groups: dict[tuple[object, ...], list[Staged]] = {}
+    for m in members:
+        if m.held is None:
+            continue
+        first = m.held.batches[0].schema if m.held.batches else None
+        key = (m.table.name, m.held.raw_kind, first, m.schema)
+        groups.setdefault(key, []).append(m)
+    for group in groups.values():
+        head = group[0]
+        assert head.held is not None and head.schema is not None
+        with_rows = [m for m in group if m.held is not None and m.held.batches]
+        results = []
+        if with_rows:
+            validator = Validator(
+                head.table, source_schema=with_rows[0].held.batches[0].schema, raw_kind=head.held.raw_kind,  # type: ignore[union-attr]
+                output_schema=head.schema,
+            )  # fmt: skip
+            try:
+                results = validator.run_many(
+                    [(m.held.batches, m.source.src_path, m.held.ingestion_ts) for m in with_rows]  # type: ignore[union-attr]
+                )
+            finally:
+                validator.close()
+        by_src = {m.source.src_path: r for m, r in zip(with_rows, results, strict=True)}
+        for m in group:
+            held = m.held
+            assert held is not None
+            m.held = None
+            collected = _Deferred(lambda: None, limit=1 << 62) if not settings.dry_run else _Counting()  # type: ignore[arg-type, return-value]
+            res = by_src.get(m.source.src_path)
+            outcome = m.outcome
+            if res is not None:
+                collected.write(res.valid)
+                outcome.rows += res.valid.num_rows
+                outcome.rejects.update(res.reasons)
+                if held.rejects is not None and res.rejects.num_rows:
+                    held.rejects.write(res.rejects)
+            if held.raw_kind == "json":
+                keys = res.keys_present if res is not None else set()
+                m.columns = [c for c in m.table.column_names if c in keys or c not in m.table.required]
+                missing = tuple(c for c in m.table.required if c not in keys)
+                if missing and (outcome.rows or outcome.reject_count):
+                    collected = _refuse(m, held, f"missing required key(s) in every record: {', '.join(missing)}")
+            _finish_staging(m, collected, held.rejects, held.mode, held.started)
+
+
+def _refuse(staged: Staged, held: _Held, detail: str) -> _Counting:
+    """Every record of a held source rejected as SCHEMA_MISMATCH (validated alone)."""
+    outcome = staged.outcome
+    outcome.rows, outcome.rejects = 0, Counter()
+    if held.rejects is not None:
+        held.rejects.discard()
+    assert staged.schema is not None
+    validator = Validator(staged.table, source_schema=held.batches[0].schema, raw_kind=held.raw_kind, output_schema=staged.schema)
+    try:
+        for batch in held.batches:
+            res = validator.run(batch, src_filename=staged.source.src_path, ingestion_ts=held.ingestion_ts, force=("SCHEMA_MISMATCH", detail))
+            outcome.rejects.update(res.reasons)
+            if held.rejects is not None:
+                held.rejects.write(res.rejects)
+    finally:
+        validator.close()
+    outcome.status = "rejected"
+    outcome.error = detail
+    return _Counting()
 
 
 def _partitions(rows: pa.Table, table: Table) -> set[str]:
@@ -382,26 +535,23 @@ def discard(batch: Batch) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _stream(
-    source: RawSource,
-    table: Table,
-    folder: Path,
-    rejects: RejectsWriter | None,
-    outcome: Outcome,
-    settings: Settings,
-    ingestion_ts: dt.datetime,
-    token: str,
-    progress: Progress,
-    opener: Callable[[RawSource], Reading],
-) -> tuple[list[str], Writer, pa.Schema]:
-    reading = opener(source)
+def _plan(reading: Reading, table: Table) -> tuple[list[str], tuple[str, str] | None, pa.Schema]:
+    """The source's columns, the file-level rejection its header already decides (a missing
+    required column), and the output schema (with the columns an ``add`` table takes from it)."""
     columns = list(reading.columns)
     force: tuple[str, str] | None = None
     if reading.raw_kind != "json":
         missing = tuple(c for c in table.required if c not in columns)
         if missing:
             force = ("SCHEMA_MISMATCH", f"missing required column(s): {', '.join(missing)}")
-    schema = output_schema(table, extra_columns=added_columns(table, columns, reading.schema))
+    return columns, force, output_schema(table, extra_columns=added_columns(table, columns, reading.schema))
+
+
+def _new_writer(
+    source: RawSource, table: Table, folder: Path, schema: pa.Schema, settings: Settings, token: str
+) -> Writer:
+    if settings.dry_run:
+        return _Counting()
 
     def own_files() -> PartitionedWriter:
         return PartitionedWriter(
@@ -412,16 +562,32 @@ def _stream(
             target_file_bytes=settings.target_file_bytes,
         )
 
-    def new_writer(sub: str) -> Writer:
-        if settings.dry_run:
-            return _Counting()
-        if table.write_mode == "upsert":
-            return own_files()  # an upserted table's history keeps each source in files of its own
-        return _Deferred(own_files, settings.small_source_bytes)
+    if table.write_mode == "upsert":
+        return own_files()  # an upserted table's history keeps each source in files of its own
+    return _Deferred(own_files, settings.small_source_bytes)
 
-    writer = new_writer("data")
-    keys_seen = _consume(reading, table, schema, writer, rejects, outcome, source, ingestion_ts, force, progress)
-    if reading.raw_kind == "json":
+
+def _stream(
+    source: RawSource,
+    table: Table,
+    batches: Iterator[pa.RecordBatch],
+    raw_kind: RawKind,
+    columns: list[str],
+    force: tuple[str, str] | None,
+    out_schema: pa.Schema,
+    folder: Path,
+    rejects: RejectsWriter | None,
+    outcome: Outcome,
+    settings: Settings,
+    ingestion_ts: dt.datetime,
+    token: str,
+    progress: Progress,
+    opener: Callable[[RawSource], Reading],
+    writer: Writer,
+) -> tuple[list[str], Writer]:
+    """Validate the source's batches as they are read, writing as it goes."""
+    keys_seen = _consume(batches, raw_kind, table, out_schema, writer, rejects, outcome, source, ingestion_ts, force, progress)
+    if raw_kind == "json":
         columns = [c for c in table.column_names if c in keys_seen or c not in table.required]
         missing = tuple(c for c in table.required if c not in keys_seen)
         if missing and (outcome.rows or outcome.reject_count):
@@ -429,20 +595,22 @@ def _stream(
             if isinstance(writer, PartitionedWriter | _Deferred):
                 writer.abort()
                 shutil.rmtree(folder / "data", ignore_errors=True)
-            writer = new_writer("data")
+            writer = _new_writer(source, table, folder, out_schema, settings, token)
             if rejects is not None:
                 rejects.discard()
             outcome.rows, outcome.rejects = 0, Counter()
             force = ("SCHEMA_MISMATCH", f"missing required key(s) in every record: {', '.join(missing)}")
-            _consume(opener(source), table, schema, writer, rejects, outcome, source, ingestion_ts, force, progress)
+            again = opener(source)
+            _consume(iter(again.batches), again.raw_kind, table, out_schema, writer, rejects, outcome, source, ingestion_ts, force, progress)
     if force is not None:
         outcome.status = "rejected"
         outcome.error = force[1]
-    return columns, writer, schema
+    return columns, writer
 
 
 def _consume(
-    reading: Reading,
+    batches: Iterator[pa.RecordBatch],
+    raw_kind: RawKind,
     table: Table,
     schema: pa.Schema,
     writer: Writer,
@@ -457,9 +625,9 @@ def _consume(
     keys: set[str] = set()
     last_report = time.monotonic()
     try:
-        for batch in reading.batches:
+        for batch in batches:
             if validator is None:
-                validator = Validator(table, source_schema=batch.schema, raw_kind=reading.raw_kind, output_schema=schema)
+                validator = Validator(table, source_schema=batch.schema, raw_kind=raw_kind, output_schema=schema)
             res = validator.run(batch, src_filename=source.src_path, ingestion_ts=ingestion_ts, force=force)
             keys |= res.keys_present
             writer.write(res.valid)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -29,7 +30,7 @@ REASONS = (
     "TYPE_MISMATCH",
     "CONSTRAINT_VIOLATION",
 )
-BOOKKEEPING = ("_row", "_raw", "_bad")
+BOOKKEEPING = ("_row", "_raw", "_bad", "_src", "_its")
 REJECT_SCHEMA = pa.schema(
     [
         ("src_filename", pa.string()),
@@ -203,6 +204,8 @@ class Validator:
         self.extras = [n for n in names if n not in declared]
         self._json_rescue = ""
         self.sql = self._build(source_schema, names)
+        self._input_schema = _with_source_schema(pa.schema([f for f in source_schema if f.name not in ("_src", "_its")]))
+        self._empty: pa.Table | None = None
         self._con = duckdb.connect(config={"threads": 2})
         self._con.execute("SET TimeZone = 'UTC'")
 
@@ -216,7 +219,7 @@ class Validator:
         table = self.table
         json_mode = self.raw_kind == "json"
         present = {n: schema.field(n).type for n in names}
-        l0 = ["_row", "_bad"]
+        l0 = ["_row", "_bad", "_src", "_its"]
         if self.raw_kind == "row":
             fields = ", ".join(f"{lit(n)}: {ident(n)}" for n in names)
             l0.append(f"to_json({{{fields}}})::VARCHAR AS _t")
@@ -233,7 +236,7 @@ class Validator:
             l0 += [ident(n) for n in names]
             l0_vals = ""
 
-        l1 = ["_row", "_bad", "_t", *(["_j"] if json_mode else [])]
+        l1 = ["_row", "_bad", "_src", "_its", "_t", *(["_j"] if json_mode else [])]
         if json_mode:
             l1 += ["_ok", "coalesce(json(_j)::VARCHAR, _t) AS _raw_out"]
         else:
@@ -366,8 +369,8 @@ class Validator:
         if table.new_columns == "rescue":
             cols.append("_rescued AS _rescued_data")
         cols += [
-            "$ingestion_ts::TIMESTAMPTZ AS ingestion_ts",
-            "$src_filename::VARCHAR AS src_filename",
+            "_its AS ingestion_ts",
+            "_src::VARCHAR AS src_filename",
             "_row AS src_row_number",
             "md5(_t) AS src_row_hash",
         ]
@@ -391,24 +394,60 @@ class Validator:
 
         ``force`` = (reason, detail) rejects every record with that reason (a file-level outcome).
         """
+        result = self._execute(pa.Table.from_batches([with_source(batch, src_filename, ingestion_ts)]))
+        return self._split(result, force)
+
+    def run_many(self, parts: Sequence[tuple[Sequence[pa.RecordBatch], str, dt.datetime]]) -> list[BatchResult]:
+        """Validate the batches of several sources (``(batches, src_filename, ingestion_ts)``, each
+        source once) in one statement: a statement costs milliseconds to plan whatever its input,
+        which would be most of the work for small sources one by one. One result per part."""
+        tables = [
+            pa.Table.from_batches([with_source(b, src, its) for b in batches], schema=_with_source_schema(batches[0].schema))
+            for batches, src, its in parts
+            if batches
+        ]
+        results: dict[str, BatchResult] = {}
+        if tables:
+            result = self._execute(pa.concat_tables(tables))
+            if result.num_rows:
+                result = result.take(pc.sort_indices(result, [("src_filename", "ascending")]))
+                src = result.column("src_filename").combine_chunks()
+                n = result.num_rows
+                change = np.zeros(n, dtype=bool)
+                change[0] = True
+                if n > 1:
+                    change[1:] = pc.not_equal(src.slice(1), src.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+                bounds = np.append(np.flatnonzero(change), n)
+                for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                    part = result.slice(start, stop - start)
+                    results[part.column("src_filename")[0].as_py()] = self._split(part, None)
+        empty = self._split(self._empty_result(), None)
+        return [results.get(src, empty) for _, src, _ in parts]
+
+    def _execute(self, data: pa.Table) -> pa.Table:
         con = self._con
         if self.raw_kind == "json":
             # Only text that parses goes near DuckDB's JSON functions: the planner may hoist their
             # implicit casts above any CASE that guards them, and one bad record would fail the batch.
-            con.register("src", batch)
+            con.register("src", data)
             try:
                 ok = con.sql("SELECT coalesce(json_valid(_raw), false) FROM src").to_arrow_table().column(0)
             finally:
                 con.unregister("src")
-            batch = batch.append_column("_j", pc.if_else(ok, batch.column("_raw"), pa.scalar(None, pa.string())))
+            data = data.append_column("_j", pc.if_else(ok, data.column("_raw"), pa.scalar(None, pa.string())))
         # Several smaller batches let DuckDB spread the statement over its threads.
-        con.register("src", pa.Table.from_batches(pa.Table.from_batches([batch]).to_batches(max_chunksize=SCAN_ROWS)))
+        con.register("src", pa.Table.from_batches(data.to_batches(max_chunksize=SCAN_ROWS), schema=data.schema))
         try:
-            result = con.sql(
-                self.sql, params={"ingestion_ts": ingestion_ts, "src_filename": src_filename}
-            ).to_arrow_table()
+            return con.sql(self.sql).to_arrow_table()
         finally:
             con.unregister("src")
+
+    def _empty_result(self) -> pa.Table:
+        if self._empty is None:
+            self._empty = self._execute(self._input_schema.empty_table()).slice(0, 0)
+        return self._empty
+
+    def _split(self, result: pa.Table, force: tuple[str, str] | None) -> BatchResult:
         why = result.column("_why")
         is_valid = pc.is_null(why)
         keys: set[str] = set()
@@ -452,6 +491,23 @@ class Validator:
         else:
             rejects = REJECT_SCHEMA.empty_table()
         return BatchResult(valid, rejects, reasons, keys)
+
+
+_ITS = pa.timestamp("us", tz="UTC")
+
+
+def _with_source_schema(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field("_src", pa.dictionary(pa.int32(), pa.string()))).append(pa.field("_its", _ITS))
+
+
+def with_source(batch: pa.RecordBatch, src_filename: str, ingestion_ts: dt.datetime) -> pa.RecordBatch:
+    """``batch`` with the source's name and ingestion time as columns (the validating statement
+    reads them per row, so that one statement can validate several sources)."""
+    n = batch.num_rows
+    src = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([src_filename], pa.string()))
+    micros = (ingestion_ts - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+    its = pa.array(np.full(n, micros, dtype=np.int64), pa.int64()).cast(_ITS)
+    return pa.RecordBatch.from_arrays([*batch.columns, src, its], schema=_with_source_schema(batch.schema))
 
 
 def added_columns(table: Table, columns: Sequence[str], schema: pa.Schema | None) -> list[pa.Field]:
