@@ -59,7 +59,7 @@ def _metrics(batches: list[Batch], seconds: float) -> dict[str, Any]:
     reasons: Counter[str] = Counter()
     for o in outcomes:
         reasons.update(o.rejects)
-    partitions = set().union(*(o.partitions for o in outcomes)) if outcomes else set()
+    partitions = set().union(*(b.partitions for b in batches)) if batches else set()
     metrics: dict[str, Any] = {
         "dagster/row_count": sum(o.rows for o in outcomes),
         "rows_rejected": sum(o.reject_count for o in outcomes),

@@ -202,7 +202,7 @@ class PartitionedWriter:
         state = self._open[key]
         if not state.pending:
             return
-        data = pa.concat_tables(state.pending)
+        data = pa.concat_tables(state.pending).combine_chunks()
         self._buffered -= state.pending_bytes
         state.pending, state.pending_rows, state.pending_bytes = [], 0, 0
         if state.writer is None:

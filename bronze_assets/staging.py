@@ -34,7 +34,6 @@ from bronze_assets.lake import (
     PartitionedWriter,
     RejectsWriter,
     WrittenFile,
-    hive_value,
     source_id,
 )
 from bronze_assets.readers import RawKind, Reading, open_source
@@ -48,6 +47,7 @@ PROGRESS_EVERY_S = 2.0
 HOLD_RAW_BYTES = 8 << 20  # sources up to this size on disk are read whole, then validated with others
 HOLD_ROWS = 100_000  # ... if they hold no more records than this
 VALIDATE_ROWS = 200_000  # held records validated in one statement
+COALESCE_ROWS = 250_000  # valid rows of small sources split by partition at once
 SMALL_SOURCE_BYTES = 32 << 20  # valid rows of a source held in memory, to be coalesced with others
 BATCH_SOURCES = 2_000  # sources published in one commit at most
 SHARED_PREFIX = "batch-"
@@ -184,6 +184,8 @@ class Batch:
     held_bytes: int = 0
     held_rows: int = 0  # records of held sources not validated yet
     _writer: PartitionedWriter | None = None
+    _rows: list[pa.Table] = field(default_factory=list)  # valid rows not given to the writer yet
+    _rows_pending: int = 0
 
     def add(self, staged: Staged, *, lake: Lake, settings: Settings) -> None:
         self.members.append(staged)
@@ -218,10 +220,20 @@ class Batch:
                 target_file_bytes=target_file_bytes,
             )
         for held in staged.buffered:
-            self._writer.write(held)
+            self._rows.append(held)
+            self._rows_pending += held.num_rows
             self.held_bytes += held.nbytes
         staged.buffered = []
+        if self._rows_pending >= COALESCE_ROWS:
+            self._write_rows()
         step("batch.added")
+
+    def _write_rows(self) -> None:
+        # Sources' rows go to the writer in large chunks: it splits a chunk by partition once,
+        # where split source by source a thousand small sources would make a million slices.
+        if self._rows and self._writer is not None:
+            self._writer.write(pa.concat_tables(self._rows).combine_chunks())
+        self._rows, self._rows_pending = [], 0
 
     @property
     def full(self) -> bool:
@@ -230,6 +242,7 @@ class Batch:
     def close(self, *, lake: Lake, settings: Settings) -> None:
         """Validate what is still held and close the shared files."""
         self.validate(lake=lake, settings=settings)
+        self._write_rows()
         if self._writer is not None:
             self.files = self._writer.close()
             self._writer = None
@@ -242,6 +255,14 @@ class Batch:
     @property
     def outcomes(self) -> list[Outcome]:
         return [m.outcome for m in self.members]
+
+    @property
+    def partitions(self) -> set[str]:
+        """The hive folders the batch writes to (its shared files and its sources' own)."""
+        found = {f.relpath.rsplit("/", 1)[0] for f in self.files if "/" in f.relpath}
+        for o in self.outcomes:
+            found |= o.partitions
+        return found
 
 
 @dataclass
@@ -349,8 +370,6 @@ def _finish_staging(
     outcome.files = len(staged.files)
     outcome.bytes = sum(f.size for f in staged.files)
     outcome.partitions = {f.relpath.rsplit("/", 1)[0] for f in staged.files if "/" in f.relpath}
-    for held in staged.buffered:
-        outcome.partitions |= _partitions(held, table)
     outcome.seconds = time.monotonic() - started
     step("stage.done")
 
@@ -438,14 +457,6 @@ def _refuse(staged: Staged, held: _Held, detail: str) -> _Counting:
     outcome.status = "rejected"
     outcome.error = detail
     return _Counting()
-
-
-def _partitions(rows: pa.Table, table: Table) -> set[str]:
-    """The hive folders the rows go to."""
-    if not table.partition_by or not rows.num_rows:
-        return set()
-    values = rows.select(list(table.partition_by)).group_by(list(table.partition_by)).aggregate([]).to_pylist()
-    return {"/".join(f"{c}={hive_value(v[c])}" for c in table.partition_by) for v in values}
 
 
 def commit_batch(lake: Lake, batch: Batch) -> None:
