@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from bronze_assets.discovery import RawSource
-from bronze_assets.errors import UnreadableFile
+from bronze_assets.errors import SourceFailed
 from bronze_assets.readers import Reading, normalize_native, normalize_schema
 from schemas.schemas import Table
 
@@ -151,9 +151,11 @@ def stage_delta_source(source: RawSource, table: Table, *, session: Session) -> 
 
 
 def _guard(source: RawSource, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    # A committed version does not change, but its files can be missing for a while (storage
+    # being copied, a vacuum gone too far): the version fails and is read again by the next run,
+    # holding back those after it, rather than being recorded as unreadable and skipped for good.
     try:
         yield from batches
-    except (OSError, pa.ArrowException) as exc:
-        raise UnreadableFile(source.src_path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
     except Exception as exc:
-        raise UnreadableFile(source.src_path, f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SourceFailed(source.src_path, f"cannot read the version: {detail}") from exc

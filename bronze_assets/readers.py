@@ -230,7 +230,8 @@ def _bookkeeping(rows: np.ndarray, raw: pa.Array, bad: pa.Array) -> dict[str, pa
 
 def _parse_header(raw: bytes) -> list[str]:
     text = raw.decode("utf-8", errors="replace")
-    names = next(csv.reader([text]), [])
+    # The record splitter already found the header's end: a line break left inside it is text.
+    names = next(csv.reader(io.StringIO(text.replace("\r", " ").replace("\n", " "), newline="")), [])
     out: list[str] = []
     seen: set[str] = set()
     for i, name in enumerate(names):

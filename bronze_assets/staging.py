@@ -25,7 +25,7 @@ from typing import Literal
 import pyarrow as pa
 
 from bronze_assets.discovery import RawSource
-from bronze_assets.errors import UnreadableFile
+from bronze_assets.errors import SourceFailed, UnreadableFile
 from bronze_assets.faults import step
 from bronze_assets.lake import (
     TARGET_FILE_BYTES,
@@ -38,7 +38,7 @@ from bronze_assets.lake import (
 )
 from bronze_assets.readers import RawKind, Reading, open_source
 from bronze_assets.upsert import commit_upsert
-from bronze_assets.validation import Validator, added_columns, output_schema, rejects_for_file
+from bronze_assets.validation import BatchResult, Validator, added_columns, output_schema, rejects_for_file
 from schemas.schemas import Table, ValidationMode
 
 Status = Literal["success", "duplicate", "rejected", "failed"]
@@ -287,7 +287,7 @@ def stage_source(
     settings: Settings,
     run_id: str,
     progress: Progress,
-    opener: Callable[[RawSource], Reading] = open_source,
+    opener: Callable[[RawSource], Reading] | None = None,
 ) -> Staged:
     """Read and validate one source; unless dry, write its files and rejects under staging. A
     small source of an appended table is only read: it is validated with the others of its
@@ -301,6 +301,7 @@ def stage_source(
     outcome = Outcome(source.src_path, source.table, "success")
     staged = Staged(source, table, outcome, run_id, folder=folder)
     writer: Writer | None = None
+    opener = opener or open_source
     try:
         reading = opener(source)
         staged.columns, force, staged.schema = _plan(reading, table)
@@ -309,6 +310,7 @@ def stage_source(
         if force is None and small and table.write_mode != "upsert" and source.format != "delta":
             held, rest = _take(batches, HOLD_ROWS)
             if rest is None:
+                _unchanged_while_read(source)
                 staged.held = _Held(reading.raw_kind, held, ingestion_ts, rejects, mode, started, sum(b.num_rows for b in held))
                 step("stage.read")
                 return staged
@@ -318,13 +320,43 @@ def stage_source(
             source, table, batches, reading.raw_kind, staged.columns, force, staged.schema, folder, rejects, outcome,
             settings, ingestion_ts, token, progress, opener, writer,
         )  # fmt: skip
+        _unchanged_while_read(source)
     except UnreadableFile as exc:
         if isinstance(writer, PartitionedWriter | _Deferred):
             writer.abort()
         _unreadable(staged, exc, rejects, ingestion_ts)
         writer = None
+    except Exception as exc:
+        # Not a verdict on the file but an error (a bug, the disk): the source fails with one
+        # line, loads nothing, and is tried again by the next run; the others go on.
+        if isinstance(writer, PartitionedWriter | _Deferred):
+            writer.abort()
+        if rejects is not None:
+            rejects.discard()
+        _failed(staged, exc.detail if isinstance(exc, SourceFailed) else f"reading: {type(exc).__name__}: {exc}")
+        writer = None
     _finish_staging(staged, writer, rejects, mode, started)
     return staged
+
+
+def _unchanged_while_read(source: RawSource) -> None:
+    """A file that a writer still appends to, or replaced, while it was read gives a mix of
+    contents: the source fails (it loads nothing) and the next run reads it again, whole."""
+    if source.format == "delta":
+        return  # a Delta source is read by version: a new commit is a new version
+    try:
+        st = source.path.stat()
+    except OSError as exc:
+        raise SourceFailed(source.src_path, f"gone while it was read: {exc}") from exc
+    if (st.st_size, st.st_mtime_ns) != (source.size, source.mtime_ns):
+        raise SourceFailed(source.src_path, "changed while it was read; it is read again by the next run")
+
+
+def _failed(staged: Staged, message: str) -> None:
+    source = staged.source
+    staged.outcome = Outcome(source.src_path, source.table, "failed", error=message.splitlines()[0][:500])
+    staged.columns = None
+    staged.held = None
 
 
 def _unreadable(staged: Staged, exc: UnreadableFile, rejects: RejectsWriter | None, ingestion_ts: dt.datetime) -> None:
@@ -403,22 +435,24 @@ def validate_held(members: Sequence[Staged], *, settings: Settings) -> None:
         head = group[0]
         assert head.held is not None and head.schema is not None
         with_rows = [m for m in group if m.held is not None and m.held.batches]
-        results = []
-        if with_rows:
-            validator = Validator(
-                head.table, source_schema=with_rows[0].held.batches[0].schema, raw_kind=head.held.raw_kind,  # type: ignore[union-attr]
-                output_schema=head.schema,
-            )  # fmt: skip
-            try:
-                results = validator.run_many(
-                    [(m.held.batches, m.source.src_path, m.held.ingestion_ts) for m in with_rows]  # type: ignore[union-attr]
-                )
-            finally:
-                validator.close()
-        by_src = {m.source.src_path: r for m, r in zip(with_rows, results, strict=True)}
+        by_src: dict[str, BatchResult] = {}
+        try:
+            by_src = _validate_together(with_rows)
+        except Exception:
+            # One source's records broke the shared statement: each is validated on its own, so
+            # that the error stays with the source it belongs to.
+            for m in with_rows:
+                try:
+                    by_src.update(_validate_together([m]))
+                except Exception as exc:
+                    if m.held is not None and m.held.rejects is not None:
+                        m.held.rejects.discard()
+                    _failed(m, f"validating: {type(exc).__name__}: {exc}")
         for m in group:
             held = m.held
-            assert held is not None
+            if held is None:  # failed above
+                _finish_staging(m, None, None, "quarantine", time.monotonic())
+                continue
             m.held = None
             collected = _Deferred(lambda: None, limit=1 << 62) if not settings.dry_run else _Counting()  # type: ignore[arg-type, return-value]
             res = by_src.get(m.source.src_path)
@@ -436,6 +470,24 @@ def validate_held(members: Sequence[Staged], *, settings: Settings) -> None:
                 if missing and (outcome.rows or outcome.reject_count):
                     collected = _refuse(m, held, f"missing required key(s) in every record: {', '.join(missing)}")
             _finish_staging(m, collected, held.rejects, held.mode, held.started)
+
+
+def _validate_together(members: Sequence[Staged]) -> dict[str, BatchResult]:
+    """One statement over the held batches of ``members`` (one table, one source layout)."""
+    if not members:
+        return {}
+    head = members[0]
+    assert head.held is not None and head.schema is not None
+    validator = Validator(
+        head.table, source_schema=head.held.batches[0].schema, raw_kind=head.held.raw_kind, output_schema=head.schema
+    )
+    try:
+        results = validator.run_many(
+            [(m.held.batches, m.source.src_path, m.held.ingestion_ts) for m in members]  # type: ignore[union-attr]
+        )
+    finally:
+        validator.close()
+    return {m.source.src_path: r for m, r in zip(members, results, strict=True)}
 
 
 def _refuse(staged: Staged, held: _Held, detail: str) -> _Counting:

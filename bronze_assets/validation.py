@@ -45,6 +45,7 @@ TRUE_WORDS = ("true", "t", "yes", "y", "1")
 FALSE_WORDS = ("false", "f", "no", "n", "0")
 DETAIL_VALUE_CHARS = 200
 SCAN_ROWS = 32_768
+WIDE_RESCUE = 64  # more undeclared columns than this are rescued by an unpivot
 
 
 def ident(name: str) -> str:
@@ -203,11 +204,14 @@ class Validator:
         declared = set(table.column_names)
         self.extras = [n for n in names if n not in declared]
         self._json_rescue = ""
+        self._wide = False
         self.sql = self._build(source_schema, names)
         self._input_schema = _with_source_schema(pa.schema([f for f in source_schema if f.name not in ("_src", "_its")]))
         self._empty: pa.Table | None = None
         self._con = duckdb.connect(config={"threads": 2})
         self._con.execute("SET TimeZone = 'UTC'")
+        if self._wide:
+            self._con.register("_extra_order", pa.table({"name": self.extras, "_pos": list(range(len(self.extras)))}))
 
     def close(self) -> None:
         self._con.close()
@@ -309,6 +313,23 @@ class Validator:
         if json_mode:
             outer += [ident("h__" + c.name) for c in table.columns if c.required]
         sql = f"SELECT {', '.join(l0)} FROM src"
+        if self._wide:
+            # json_object() over thousands of columns, or an expression per column, costs DuckDB
+            # time quadratic in their number: many undeclared text columns are unpivoted to
+            # (record, name, value) rows instead, filtered, and grouped back into one object.
+            cols = ", ".join(ident(n) for n in self.extras)
+            rescued = (
+                "SELECT _src AS _w_src, _row AS _w_row, "
+                "to_json(map(list(name ORDER BY _pos), list(to_json(value) ORDER BY _pos)))::VARCHAR AS _wide_rescued "
+                f"FROM (UNPIVOT (SELECT _src, _row, {cols} FROM src) ON {cols} INTO NAME name VALUE value) "
+                "JOIN _extra_order USING (name) WHERE NOT regexp_full_match(value, '\\s*') GROUP BY _src, _row"
+            )
+            wide = {ident(n) for n in self.extras}
+            l0 = [c for c in l0 if c not in wide] + ["_wide_rescued"]
+            sql = (
+                f"SELECT {', '.join(l0)} FROM src LEFT JOIN ({rescued}) w "
+                "ON src._src::VARCHAR = w._w_src::VARCHAR AND src._row = w._w_row"
+            )
         if l0_vals:
             rk = f", {self._json_rescue}" if self._json_rescue else ""
             sql = f"SELECT *, {l0_vals}{rk} FROM ({sql})"
@@ -349,6 +370,9 @@ class Validator:
             return "CASE WHEN len(_rk) > 0 THEN to_json(map_from_entries(_rk))::VARCHAR END"
         if not self.extras:
             return "NULL::VARCHAR"
+        if len(self.extras) > WIDE_RESCUE and all(_is_text(present[n]) for n in self.extras):
+            self._wide = True
+            return "_wide_rescued"
         pairs = []
         for n in self.extras:
             x = ident(n)
@@ -421,6 +445,8 @@ class Validator:
                 for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
                     part = result.slice(start, stop - start)
                     results[part.column("src_filename")[0].as_py()] = self._split(part, None)
+        if all(src in results for _, src, _ in parts):
+            return [results[src] for _, src, _ in parts]
         empty = self._split(self._empty_result(), None)
         return [results.get(src, empty) for _, src, _ in parts]
 

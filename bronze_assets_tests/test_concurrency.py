@@ -181,7 +181,7 @@ def test_a_command_line_run_during_a_dagster_run(tmp_path):
     )  # fmt: skip
     time.sleep(3)  # the Dagster run is starting up or ingesting
     cli = load_to_bronze(paths)
-    out, err = dagster_run.communicate(timeout=180)
+    _, err = dagster_run.communicate(timeout=180)
     assert dagster_run.returncode == 0, err[-3000:]
     assert cli.returncode in (0, 1), explain(cli)
     assert "Traceback" not in cli.stderr
