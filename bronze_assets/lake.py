@@ -24,12 +24,14 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -148,6 +150,7 @@ class PartitionedWriter:
         self._open: dict[tuple[object, ...], _Open] = {}
         self._buffered = 0
         self._seq = 0
+        self._lock = threading.Lock()  # the counters and the file list, when partitions flush in parallel
         self.files: list[WrittenFile] = []
         self.rows = 0
 
@@ -163,8 +166,7 @@ class PartitionedWriter:
         if self._buffered > self.buffer_bytes:
             # Flush every partition, not just the largest: the pending slices share the buffers of
             # the batches they came from, which stay alive until the last slice is written.
-            for key in list(self._open):
-                self._flush(key)
+            _in_parallel(self._flush, list(self._open))
 
     def _split(self, table: pa.Table) -> Iterable[tuple[dict[str, object], pa.Table]]:
         keys = [(c, "ascending") for c in self.partition_by]
@@ -203,12 +205,15 @@ class PartitionedWriter:
         if not state.pending:
             return
         data = pa.concat_tables(state.pending).combine_chunks()
-        self._buffered -= state.pending_bytes
+        with self._lock:
+            self._buffered -= state.pending_bytes
         state.pending, state.pending_rows, state.pending_bytes = [], 0, 0
         if state.writer is None:
-            self._seq += 1
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
             dirs = "/".join(f"{c}={hive_value(state.values[c])}" for c in self.partition_by)
-            name = f"{self.prefix}-{self._seq:05d}.parquet"
+            name = f"{self.prefix}-{seq:05d}.parquet"
             state.relpath = f"{dirs}/{name}" if dirs else name
             path = self.directory / state.relpath
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,15 +233,15 @@ class PartitionedWriter:
         assert state.sink is not None
         state.sink.close()
         path = self.directory / state.relpath
-        self.files.append(
-            WrittenFile(
-                relpath=state.relpath,
-                partition_values={c: delta_value(state.values[c]) for c in self.partition_by},
-                rows=state.rows,
-                size=path.stat().st_size,
-                stats=file_stats(pq.read_metadata(path), state.rows),
-            )
+        written = WrittenFile(
+            relpath=state.relpath,
+            partition_values={c: delta_value(state.values[c]) for c in self.partition_by},
+            rows=state.rows,
+            size=path.stat().st_size,
+            stats=file_stats(state.writer.writer.metadata, state.rows),
         )
+        with self._lock:
+            self.files.append(written)
         state.writer, state.sink = None, None
 
     def _close(self, key: tuple[object, ...]) -> None:
@@ -244,8 +249,11 @@ class PartitionedWriter:
         self._finish(self._open.pop(key))
 
     def close(self) -> list[WrittenFile]:
-        for key in list(self._open):
-            self._close(key)
+        keys = list(self._open)
+        _in_parallel(self._flush, keys)
+        for key in keys:
+            self._finish(self._open.pop(key))
+        self.files.sort(key=lambda f: f.relpath)
         return self.files
 
     def abort(self) -> None:
@@ -255,6 +263,21 @@ class PartitionedWriter:
             if state.sink is not None:
                 state.sink.close()
         self._open.clear()
+
+
+WRITER_THREADS = 2
+
+
+def _in_parallel(fn: Callable[[Any], None], items: list[Any]) -> None:
+    """``fn`` over ``items`` on WRITER_THREADS threads: each partition has a Parquet writer of its
+    own, and encoding and compressing release the GIL, so partitions are written side by side."""
+    if len(items) < 2:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="bronze-partition") as pool:
+        for _ in pool.map(fn, items):
+            pass
 
 
 def _bound(value: object, *, upper: bool) -> object | None:

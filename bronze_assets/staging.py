@@ -36,6 +36,7 @@ from bronze_assets.lake import (
     WrittenFile,
     source_id,
 )
+from bronze_assets.pipeline import Background, prefetched
 from bronze_assets.readers import RawKind, Reading, open_source
 from bronze_assets.upsert import commit_upsert
 from bronze_assets.validation import BatchResult, Validator, added_columns, output_schema, rejects_for_file
@@ -687,13 +688,14 @@ def _consume(
     validator: Validator | None = None
     keys: set[str] = set()
     last_report = time.monotonic()
+    background = Background()
     try:
-        for batch in batches:
+        for batch in prefetched(batches):
             if validator is None:
                 validator = Validator(table, source_schema=batch.schema, raw_kind=raw_kind, output_schema=schema)
             res = validator.run(batch, src_filename=source.src_path, ingestion_ts=ingestion_ts, force=force)
             keys |= res.keys_present
-            writer.write(res.valid)
+            background.submit(writer.write, res.valid)
             step("stage.batch")
             outcome.rows += res.valid.num_rows
             outcome.rejects.update(res.reasons)
@@ -702,7 +704,9 @@ def _consume(
             if time.monotonic() - last_report > PROGRESS_EVERY_S:
                 last_report = time.monotonic()
                 progress(f"{source.src_path}: {outcome.rows + outcome.reject_count:,} records read ...")
+        background.drain()
     finally:
+        background.drain()
         if validator is not None:
             validator.close()
     return keys

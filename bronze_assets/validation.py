@@ -307,11 +307,13 @@ class Validator:
         outer = [
             "_why",
             f"CASE _why {detail_case} END AS _detail",
-            "_raw_out",
+            # The raw text goes back out only for rejects: the rows keep just its hash.
+            "CASE WHEN _why IS NOT NULL THEN _raw_out END AS _raw_out",
             *out,
         ]
         if json_mode:
             outer += [ident("h__" + c.name) for c in table.columns if c.required]
+        self._outer_all_raw = ", ".join(o if not o.startswith("CASE WHEN _why IS NOT NULL THEN _raw_out") else "_raw_out" for o in outer)
         sql = f"SELECT {', '.join(l0)} FROM src"
         if self._wide:
             # json_object() over thousands of columns, or an expression per column, costs DuckDB
@@ -336,6 +338,7 @@ class Validator:
         sql = f"SELECT {', '.join(l1)} FROM ({sql})"
         sql = f"SELECT {', '.join(l2)} FROM ({sql})"
         sql = f"SELECT {', '.join(l3)} FROM ({sql})"
+        self.sql_all_raw = f"SELECT {self._outer_all_raw} FROM ({sql})"
         return f"SELECT {', '.join(outer)} FROM ({sql})"
 
     def _convert(self, i: str, src: pa.DataType | None, col: Column) -> str:
@@ -418,8 +421,8 @@ class Validator:
 
         ``force`` = (reason, detail) rejects every record with that reason (a file-level outcome).
         """
-        result = self._execute(pa.Table.from_batches([with_source(batch, src_filename, ingestion_ts)]))
-        return self._split(result, force)
+        data = pa.Table.from_batches([with_source(batch, src_filename, ingestion_ts)])
+        return self._split(self._execute(data, all_raw=force is not None), force)
 
     def run_many(self, parts: Sequence[tuple[Sequence[pa.RecordBatch], str, dt.datetime]]) -> list[BatchResult]:
         """Validate the batches of several sources (``(batches, src_filename, ingestion_ts)``, each
@@ -450,7 +453,7 @@ class Validator:
         empty = self._split(self._empty_result(), None)
         return [results.get(src, empty) for _, src, _ in parts]
 
-    def _execute(self, data: pa.Table) -> pa.Table:
+    def _execute(self, data: pa.Table, *, all_raw: bool = False) -> pa.Table:
         con = self._con
         if self.raw_kind == "json":
             # Only text that parses goes near DuckDB's JSON functions: the planner may hoist their
@@ -464,7 +467,7 @@ class Validator:
         # Several smaller batches let DuckDB spread the statement over its threads.
         con.register("src", pa.Table.from_batches(data.to_batches(max_chunksize=SCAN_ROWS), schema=data.schema))
         try:
-            return con.sql(self.sql).to_arrow_table()
+            return con.sql(self.sql_all_raw if all_raw else self.sql).to_arrow_table()
         finally:
             con.unregister("src")
 

@@ -1,0 +1,81 @@
+"""Overlapping the stages of a large source: reading the next batch and writing the last one
+while the current one is validated. Each stage spends its time in numpy, pyarrow or DuckDB code
+that releases the GIL, so on two cores a thread per stage runs them side by side. The standard
+library's queue and executor do the work; what is here only carries errors and stops cleanly.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetched(items: Iterator[T], *, depth: int = 2) -> Iterator[T]:
+    """``items``, produced by a thread of their own up to ``depth`` ahead of the consumer. An
+    exception raised while producing is raised to the consumer at the same place."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, name="bronze-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+class Background:
+    """Calls run one after another on a thread of their own, at most ``depth`` waiting; the
+    first error is raised by the next ``submit`` or by ``drain``."""
+
+    def __init__(self, *, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bronze-writer")
+        self._pending: list[Future[Any]] = []
+        self._depth = depth
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self._depth:
+            self._pending.pop(0).result()
+
+    def drain(self) -> None:
+        try:
+            while self._pending:
+                self._pending.pop(0).result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __del__(self) -> None:
+        self._pool.shutdown(wait=False)
