@@ -7,7 +7,7 @@ LAKE ?= lake
 MANIFEST ?= duckdb/warehouse.duckdb
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: run test lint dev sample clean
+.PHONY: run test lint dev sample clean bench bench-quick
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: lint
 dev: $(BIN)/.installed
 	mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml
+
+# The benchmark: the project against the bare limit and the peers, measured side by side
+# (report in lake/_bench/). The peers (dlt) come from the optional `bench` extra.
+bench: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m bronze_assets.bench --lake $(LAKE)
+
+bench-quick: $(BIN)/.installed
+	$(BIN)/python -m bronze_assets.bench --quick --lake $(LAKE)
 
 sample: $(BIN)/.installed
 	$(BIN)/python -m bronze_assets.sample --out $(RAW)

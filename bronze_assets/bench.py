@@ -1,0 +1,438 @@
+"""The benchmark: the project's full ingestion against the bare limit and the peers, measured
+side by side in one sitting (absolute times on a shared machine drift; ratios of runs taken in
+turn do not).
+
+``python -m bronze_assets.bench`` (``make bench``) generates the data with the package's
+generator, then for each case runs every configuration as a fresh process, in turn, ``--repeat``
+times: wall and CPU seconds and peak resident memory come from the kernel's accounting of that
+process (``os.wait4``). It prints a table and writes it as JSON under ``<lake>/_bench/``.
+``--quick`` does the same at small sizes (``make bench-quick``, run by the tests).
+
+Cases: orders CSV (1% bad records) against DuckDB's typed ``read_csv`` -> ``COPY ...
+PARTITION_BY (order_dt)`` (the limit) and pyarrow's typed CSV read (the parse floor); events
+JSONL and sensors Parquet against DuckDB's typed read -> partitioned Parquet of the same layout;
+1,000 small orders files against one file of the same rows; the orders case at three sizes; dlt's
+fastest path and a plain pandas script when the ``bench`` extra is installed. File sizes per
+partition are reported after ingestion and after compaction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ORDERS_TYPES = {
+    "order_id": "BIGINT",
+    "customer_id": "BIGINT",
+    "store_id": "INTEGER",
+    "product_id": "BIGINT",
+    "order_dt": "DATE",
+    "order_ts": "TIMESTAMPTZ",
+    "quantity": "INTEGER",
+    "unit_price": "DECIMAL(10,2)",
+    "discount_pct": "DECIMAL(5,2)",
+    "currency": "VARCHAR",
+    "status": "VARCHAR",
+    "payment_method": "VARCHAR",
+}
+EVENTS_TYPES = {
+    "event_id": "VARCHAR",
+    "event_ts": "TIMESTAMPTZ",
+    "customer_id": "BIGINT",
+    "session_id": "VARCHAR",
+    "event_type": "VARCHAR",
+    "page_url": "VARCHAR",
+    "properties": "JSON",
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    orders: int
+    events: int
+    sensors: int
+    small_files: int
+    small_rows: int
+    scale: tuple[int, ...]
+    repeat: int
+
+
+FULL = Sizes(orders=5_000_000, events=2_000_000, sensors=5_000_000, small_files=1_000, small_rows=1_000,
+             scale=(1_000_000, 5_000_000, 20_000_000), repeat=3)  # fmt: skip
+QUICK = Sizes(orders=20_000, events=10_000, sensors=20_000, small_files=50, small_rows=200, scale=(10_000, 40_000), repeat=1)
+
+
+@dataclass
+class Measure:
+    wall_s: float
+    cpu_s: float
+    peak_mib: float
+    returncode: int
+
+
+@dataclass
+class Config:
+    case: str
+    name: str
+    input_mb: float
+    rows: int
+    runs: list[Measure] = field(default_factory=list)
+    files: dict[str, Any] | None = None
+
+    def median(self, what: str) -> float:
+        return statistics.median(getattr(m, what) for m in self.runs) if self.runs else float("nan")
+
+
+# ------------------------------------------------------------------------------------------
+# Running and measuring one process
+# ------------------------------------------------------------------------------------------
+
+
+def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> Measure:
+    """Run ``cmd`` as a process of its own: wall seconds, CPU seconds (user + system) and peak
+    resident memory from the kernel's accounting of that very process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stderr.close()
+    if proc.returncode not in (0, 1):
+        print(f"bench: {' '.join(cmd)[:200]} exited {proc.returncode}: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
+    return Measure(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode)
+
+
+def python(code: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", code, *args]
+
+
+def project(raw: Path, out: Path) -> list[str]:
+    """The project's whole job through its command line: validation, rejects, audit columns,
+    both outputs, manifest."""
+    return [sys.executable, "-m", "bronze_assets", "--raw", str(raw), "--lake", str(out / "lake"),
+            "--manifest", str(out / "m.duckdb"), "--quiet"]  # fmt: skip
+
+
+def _duck_copy(select: str, out: Path, partition: str) -> list[str]:
+    code = (
+        "import duckdb, sys; con = duckdb.connect(); "
+        f"con.execute(sys.argv[1] + ' TO ' + repr(sys.argv[2]) + ' (FORMAT parquet, COMPRESSION snappy, PARTITION_BY ({partition}))')"
+    )
+    return python(code, f"COPY ({select})", str(out / "bare"))
+
+
+def duck_orders(csv: Path, out: Path) -> list[str]:
+    columns = "{" + ", ".join(f"'{k}': '{v}'" for k, v in ORDERS_TYPES.items()) + "}"
+    return _duck_copy(f"SELECT * FROM read_csv('{csv}', header=true, columns={columns}, ignore_errors=true)", out, "order_dt")
+
+
+def duck_events(jsonl: Path, out: Path) -> list[str]:
+    columns = "{" + ", ".join(f"'{k}': '{v}'" for k, v in EVENTS_TYPES.items()) + "}"
+    select = (
+        f"SELECT *, CAST(event_ts AS DATE) AS event_dt FROM read_json('{jsonl}', format='newline_delimited', "
+        f"columns={columns}, ignore_errors=true)"
+    )
+    return _duck_copy(select, out, "event_dt")
+
+
+def duck_sensors(parquet: Path, out: Path) -> list[str]:
+    select = f"SELECT *, strftime(reading_ts, '%Y-%m') AS reading_month FROM read_parquet('{parquet}')"
+    return _duck_copy(select, out, "store_id, reading_month")
+
+
+def pyarrow_parse(csv: Path) -> list[str]:
+    types = {"BIGINT": "int64()", "INTEGER": "int32()", "DATE": "date32()", "TIMESTAMPTZ": "timestamp('us', tz='UTC')",
+             "DECIMAL(10,2)": "decimal128(10, 2)", "DECIMAL(5,2)": "decimal128(5, 2)", "VARCHAR": "string()"}  # fmt: skip
+    schema = "{" + ", ".join(f"'{k}': pa.{types[v]}" for k, v in ORDERS_TYPES.items()) + "}"
+    code = (
+        "import sys, pyarrow as pa, pyarrow.csv as c; "
+        f"c.read_csv(sys.argv[1], convert_options=c.ConvertOptions(column_types={schema}), "
+        "parse_options=c.ParseOptions(invalid_row_handler=lambda r: 'skip'))"
+    )
+    return python(code, str(csv))
+
+
+PANDAS = (
+    "import sys, pandas as pd; df = pd.read_csv(sys.argv[1]); "
+    "df.to_parquet(sys.argv[2], partition_cols=['order_dt'])"
+)
+DLT = """
+import sys, dlt, pyarrow as pa, pyarrow.csv as c
+src, out = sys.argv[1], sys.argv[2]
+def batches():
+    reader = c.open_csv(src, parse_options=c.ParseOptions(invalid_row_handler=lambda r: 'skip'))
+    for b in reader:
+        yield pa.Table.from_batches([b])
+res = dlt.resource(batches, name='orders', table_format='delta', columns={'order_dt': {'partition': True}})
+p = dlt.pipeline('bench_orders', destination=dlt.destinations.filesystem(out), pipelines_dir=out + '/_pipelines')
+p.run(res, loader_file_format='parquet')
+"""
+
+
+def peers_available() -> dict[str, bool]:
+    found = {}
+    for name in ("pandas", "dlt"):
+        try:
+            __import__(name)
+            found[name] = True
+        except ImportError:
+            found[name] = False
+    return found
+
+
+# ------------------------------------------------------------------------------------------
+# The cases
+# ------------------------------------------------------------------------------------------
+
+
+def generate(out: Path, *, rows: int, tables: str, files: int = 1, bad: float = 0.01) -> Path:
+    from bronze_assets import sample
+
+    marker = out / ".complete"
+    if not marker.exists():
+        shutil.rmtree(out, ignore_errors=True)
+        sample.main(["--out", str(out), "--rows", str(rows), "--tables", tables, "--files", str(files),
+                     "--bad-fraction", str(bad)])  # fmt: skip
+        marker.write_text("")
+    return out
+
+
+def size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")) / 1e6
+
+
+def paired(configs: list[tuple[Config, Any]], repeat: int, work: Path) -> None:
+    """Run each configuration once per round, in turn, ``repeat`` rounds; outputs are removed
+    before every run (each starts from nothing)."""
+    for _ in range(repeat):
+        for config, make in configs:
+            out = work / "out" / config.case / config.name
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            config.runs.append(measure(make(out)))
+            if config.name == "bronze":
+                config.files = file_sizes(out / "lake", config.case)
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def file_sizes(lake: Path, case: str) -> dict[str, Any] | None:
+    """Files per partition and their sizes in the Parquet output, after ingestion and after the
+    maintenance job's compaction."""
+    table = {"orders": "orders", "events": "events", "sensors": "sensors"}.get(case.split("_")[0].split("-")[0])
+    if table is None:
+        return None
+    from bronze_assets.compaction import maintain
+    from bronze_assets.ingest import Settings
+    from schemas.schemas import TABLES_BY_NAME
+
+    def shape() -> dict[str, Any]:
+        root = lake / "bronze" / "parquet" / table
+        per: dict[str, list[int]] = {}
+        for f in root.rglob("*.parquet"):
+            per.setdefault(f.parent.relative_to(root).as_posix(), []).append(f.stat().st_size)
+        sizes = sorted(s for v in per.values() for s in v)
+        counts = sorted(len(v) for v in per.values())
+        if not sizes:
+            return {}
+        return {
+            "partitions": len(per),
+            "files": len(sizes),
+            "files_per_partition_max": counts[-1],
+            "file_mb_min": round(sizes[0] / 1e6, 3),
+            "file_mb_median": round(statistics.median(sizes) / 1e6, 3),
+            "file_mb_max": round(sizes[-1] / 1e6, 3),
+        }
+
+    after_ingest = shape()
+    settings = Settings(raw=lake.parent / "raw-unused", lake=lake, manifest=lake.parent / "m.duckdb")
+    maintain(settings, [TABLES_BY_NAME[table]], retention_hours=0)
+    return {"after_ingestion": after_ingest, "after_compaction": shape()}
+
+
+def run_cases(sizes: Sizes, work: Path, cases: set[str] | None) -> list[Config]:
+    data = work / "data"
+    results: list[Config] = []
+
+    def want(name: str) -> bool:
+        return cases is None or name in cases
+
+    if want("orders"):
+        raw = generate(data / f"orders-{sizes.orders}", rows=sizes.orders, tables="orders")
+        csv = next((raw / "orders").glob("*.csv"))
+        mb = size_mb(raw)
+        case = f"orders_{sizes.orders}"
+        configs: list[tuple[Config, Any]] = [
+            (Config(case, "bronze", mb, sizes.orders), lambda out, raw=raw: project(raw, out)),
+            (Config(case, "duckdb_bare", mb, sizes.orders), lambda out, csv=csv: duck_orders(csv, out)),
+            (Config(case, "pyarrow_parse", mb, sizes.orders), lambda out, csv=csv: pyarrow_parse(csv)),
+        ]
+        peers = peers_available()
+        if peers["pandas"]:
+            configs.append((Config(case, "pandas_naive", mb, sizes.orders), lambda out, csv=csv: python(PANDAS, str(csv), str(out / "pd"))))
+        if peers["dlt"]:
+            configs.append((Config(case, "dlt_arrow_delta", mb, sizes.orders), lambda out, csv=csv: python(DLT, str(csv), str(out / "dlt"))))
+        paired(configs, sizes.repeat, work)
+        results += [c for c, _ in configs]
+
+    if want("events"):
+        raw = generate(data / f"events-{sizes.events}", rows=sizes.events, tables="events")
+        jsonl = next((raw / "events").glob("*.jsonl"))
+        mb, case = size_mb(raw), f"events_{sizes.events}"
+        configs = [
+            (Config(case, "bronze", mb, sizes.events), lambda out, raw=raw: project(raw, out)),
+            (Config(case, "duckdb_bare", mb, sizes.events), lambda out, f=jsonl: duck_events(f, out)),
+        ]
+        paired(configs, sizes.repeat, work)
+        results += [c for c, _ in configs]
+
+    if want("sensors"):
+        raw = generate(data / f"sensors-{sizes.sensors}", rows=sizes.sensors, tables="sensors")
+        parquet = next((raw / "sensors").glob("*.parquet"))
+        mb, case = size_mb(raw), f"sensors_{sizes.sensors}"
+        configs = [
+            (Config(case, "bronze", mb, sizes.sensors), lambda out, raw=raw: project(raw, out)),
+            (Config(case, "duckdb_bare", mb, sizes.sensors), lambda out, f=parquet: duck_sensors(f, out)),
+        ]
+        paired(configs, sizes.repeat, work)
+        results += [c for c, _ in configs]
+
+    if want("small_files"):
+        n = sizes.small_files * sizes.small_rows
+        many = generate(data / f"orders-{n}-x{sizes.small_files}", rows=n, tables="orders", files=sizes.small_files)
+        one = generate(data / f"orders-{n}", rows=n, tables="orders")
+        case = f"small_files_{sizes.small_files}x{sizes.small_rows}"
+        configs = [
+            (Config(case, "bronze_many_files", size_mb(many), n), lambda out, raw=many: project(raw, out)),
+            (Config(case, "bronze_one_file", size_mb(one), n), lambda out, raw=one: project(raw, out)),
+        ]
+        paired(configs, sizes.repeat, work)
+        results += [c for c, _ in configs]
+
+    if want("scale"):
+        for rows in sizes.scale:
+            raw = generate(data / f"orders-{rows}", rows=rows, tables="orders")
+            csv = next((raw / "orders").glob("*.csv"))
+            mb, case = size_mb(raw), f"scale_{rows}"
+            configs = [
+                (Config(case, "bronze", mb, rows), lambda out, raw=raw: project(raw, out)),
+                (Config(case, "duckdb_bare", mb, rows), lambda out, csv=csv: duck_orders(csv, out)),
+            ]
+            paired(configs, sizes.repeat, work)
+            results += [c for c, _ in configs]
+    return results
+
+
+# ------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------
+
+
+def ratios(results: list[Config]) -> dict[str, dict[str, float]]:
+    """Per case, each configuration's median of per-round wall ratios to the case's baseline."""
+    out: dict[str, dict[str, float]] = {}
+    by_case: dict[str, list[Config]] = {}
+    for c in results:
+        by_case.setdefault(c.case, []).append(c)
+    for case, configs in by_case.items():
+        base = next((c for c in configs if c.name in ("duckdb_bare", "bronze_one_file")), None)
+        if base is None:
+            continue
+        for c in configs:
+            pairs = [m.wall_s / b.wall_s for m, b in zip(c.runs, base.runs, strict=False) if b.wall_s > 0]
+            out.setdefault(case, {})[c.name] = round(statistics.median(pairs), 2) if pairs else float("nan")
+    return out
+
+
+def targets(results: list[Config], rel: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the figure measured and whether it is met."""
+    found: list[dict[str, Any]] = []
+
+    def add(what: str, value: float, limit: float) -> None:
+        found.append({"target": what, "measured": round(value, 2), "limit": limit, "met": bool(value <= limit)})
+
+    for case, r in rel.items():
+        if case.startswith("orders_") and "bronze" in r:
+            add(f"{case}: wall vs bare limit", r["bronze"], 2.0)
+            if "dlt_arrow_delta" in r:
+                add(f"{case}: wall vs dlt's fastest path", r["bronze"] / r["dlt_arrow_delta"], 1.0)
+        if case.startswith(("events_", "sensors_")) and "bronze" in r:
+            add(f"{case}: wall vs bare limit", r["bronze"], 2.5)
+        if case.startswith("small_files_"):
+            add(f"{case}: many files vs one file", r.get("bronze_many_files", float("nan")), 3.0)
+    scale = sorted((c for c in results if c.case.startswith("scale_") and c.name == "bronze"), key=lambda c: c.rows)
+    for c in scale:
+        add(f"{c.case}: peak memory GiB", c.median("peak_mib") / 1024, 1.5)
+    if len(scale) >= 2:
+        a, b = scale[-2], scale[-1]
+        add(f"{b.case} / {a.case} wall ({b.rows // a.rows}x the rows)", b.median("wall_s") / a.median("wall_s"),
+            round(4.4 * (b.rows / a.rows) / 4, 2))  # fmt: skip
+    return found
+
+
+def table_text(results: list[Config], rel: dict[str, dict[str, float]]) -> str:
+    head = f"{'case':<28} {'config':<20} {'n':>2} {'wall s':>8} {'cpu s':>8} {'peak MiB':>9} {'MB/s':>7} {'vs base':>8}"
+    lines = [head, "-" * len(head)]
+    for c in results:
+        wall = c.median("wall_s")
+        mbps = c.input_mb / wall if wall and wall == wall else float("nan")
+        lines.append(
+            f"{c.case:<28} {c.name:<20} {len(c.runs):>2} {wall:>8.2f} {c.median('cpu_s'):>8.2f} "
+            f"{c.median('peak_mib'):>9.0f} {mbps:>7.1f} {rel.get(c.case, {}).get(c.name, float('nan')):>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bronze_assets.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, one round (what the tests run)")
+    p.add_argument("--repeat", type=int, help="rounds per case (default 3, quick 1)")
+    p.add_argument("--cases", help="comma-separated: orders,events,sensors,small_files,scale (default all)")
+    p.add_argument("--work", type=Path, help="where data and outputs go (default <lake>/_bench/work)")
+    p.add_argument("--lake", type=Path, default=Path("lake"), help="the report goes to <lake>/_bench/")
+    args = p.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.repeat:
+        sizes = Sizes(**{**asdict(sizes), "repeat": args.repeat})
+    bench_dir = args.lake / "_bench"
+    work = args.work or bench_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    cases = set(args.cases.split(",")) if args.cases else None
+    started = time.monotonic()
+    results = run_cases(sizes, work, cases)
+    rel = ratios(results)
+    checks = targets(results, rel)
+    text = table_text(results, rel)
+    print(text)
+    for t in checks:
+        print(f"{'met ' if t['met'] else 'MISS'} {t['target']}: {t['measured']} (limit {t['limit']})")
+    report = {
+        "taken_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "seconds": round(time.monotonic() - started, 1),
+        "cpu_count": os.cpu_count(),
+        "results": [asdict(c) | {"median_wall_s": c.median("wall_s")} for c in results],
+        "ratios": rel,
+        "targets": checks,
+        "table": text,
+    }
+    name = "quick.json" if args.quick else f"bench-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.json"
+    (bench_dir / name).write_text(json.dumps(report, indent=2, default=str))
+    print(f"report: {bench_dir / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
