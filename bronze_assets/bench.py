@@ -110,7 +110,7 @@ def measure(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path 
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
     proc.stderr.close()
-    if proc.returncode not in (0, 1):
+    if proc.returncode != 0 and not (proc.returncode == 1 and "bronze_assets" in cmd):
         print(f"bench: {' '.join(cmd)[:200]} exited {proc.returncode}: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
     return Measure(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode)
 
@@ -222,7 +222,10 @@ def paired(configs: list[tuple[Config, Any]], repeat: int, work: Path) -> None:
             out = work / "out" / config.case / config.name
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
-            config.runs.append(measure(make(out)))
+            m = measure(make(out))
+            if config.name.startswith("bronze") and m.returncode == 1:
+                m.returncode = 0  # the project's "ingested, some records rejected"
+            config.runs.append(m)
             if config.name == "bronze":
                 config.files = file_sizes(out / "lake", config.case)
             shutil.rmtree(out, ignore_errors=True)
@@ -272,18 +275,22 @@ def run_cases(sizes: Sizes, work: Path, cases: set[str] | None) -> list[Config]:
     if want("orders"):
         raw = generate(data / f"orders-{sizes.orders}", rows=sizes.orders, tables="orders")
         csv = next((raw / "orders").glob("*.csv"))
+        # The same rows without the bad records, for the tools that stop at the first one (a typed
+        # pyarrow read, pandas, dlt): they are timed on clean data, the project on the 1% bad.
+        clean_raw = generate(data / f"orders-{sizes.orders}-clean", rows=sizes.orders, tables="orders", bad=0.0)
+        clean = next((clean_raw / "orders").glob("*.csv"))
         mb = size_mb(raw)
         case = f"orders_{sizes.orders}"
         configs: list[tuple[Config, Any]] = [
             (Config(case, "bronze", mb, sizes.orders), lambda out, raw=raw: project(raw, out)),
             (Config(case, "duckdb_bare", mb, sizes.orders), lambda out, csv=csv: duck_orders(csv, out)),
-            (Config(case, "pyarrow_parse", mb, sizes.orders), lambda out, csv=csv: pyarrow_parse(csv)),
+            (Config(case, "pyarrow_parse", mb, sizes.orders), lambda out, csv=clean: pyarrow_parse(csv)),
         ]
         peers = peers_available()
         if peers["pandas"]:
-            configs.append((Config(case, "pandas_naive", mb, sizes.orders), lambda out, csv=csv: python(PANDAS, str(csv), str(out / "pd"))))
+            configs.append((Config(case, "pandas_naive", mb, sizes.orders), lambda out, csv=clean: python(PANDAS, str(csv), str(out / "pd"))))
         if peers["dlt"]:
-            configs.append((Config(case, "dlt_arrow_delta", mb, sizes.orders), lambda out, csv=csv: python(DLT, str(csv), str(out / "dlt"))))
+            configs.append((Config(case, "dlt_arrow_delta", mb, sizes.orders), lambda out, csv=clean: python(DLT, str(csv), str(out / "dlt"))))
         paired(configs, sizes.repeat, work)
         results += [c for c, _ in configs]
 

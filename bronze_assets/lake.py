@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 TARGET_FILE_BYTES = 128 << 20
 ROW_GROUP_ROWS = 262_144
 BUFFER_BYTES = 256 << 20
-MAX_OPEN_FILES = 512
+MAX_OPEN_FILES = 4096  # Parquet files a writer keeps open at once (one per partition being written)
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 STRING_STAT_CHARS = 32
 MAX_CHAR = "\U0010ffff"
@@ -190,7 +190,7 @@ class PartitionedWriter:
     def _append(self, key: tuple[object, ...], values: dict[str, object], part: pa.Table) -> None:
         state = self._open.get(key)
         if state is None:
-            if len(self._open) >= MAX_OPEN_FILES:
+            if len(self._open) >= open_file_budget():
                 self._close(next(iter(self._open)))
             state = self._open[key] = _Open(None, None, "", values)
         state.pending.append(part)
@@ -266,6 +266,32 @@ class PartitionedWriter:
 
 
 WRITER_THREADS = 2
+
+
+def open_file_budget() -> int:
+    """How many Parquet files a writer may keep open: one per partition, so that a source spread
+    over hundreds of partitions (sensors: stores x months) makes one file per partition, not one
+    per partition and batch. The process's soft limit on open files is raised toward its hard
+    limit for that (the default of 1,024 on many systems is a convention, not a cost)."""
+    global _BUDGET
+    if _BUDGET is None:
+        try:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            wanted = MAX_OPEN_FILES * 2 + 256
+            if soft != resource.RLIM_INFINITY and soft < wanted:
+                new = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+                soft = new
+            limit = soft if soft != resource.RLIM_INFINITY else wanted
+        except (ImportError, ValueError, OSError):
+            limit = 1024
+        _BUDGET = max(16, min(MAX_OPEN_FILES, (limit - 256) // 2))
+    return _BUDGET
+
+
+_BUDGET: int | None = None
 
 
 def _in_parallel(fn: Callable[[Any], None], items: list[Any]) -> None:
@@ -397,6 +423,9 @@ def _mirror_file(src: Path, dst: Path) -> None:
     embedded Arrow schema holds types other than the declared ones (delta-rs's MERGE writes
     string columns as ``string_view``), in which case the dataset gets a copy with the declared
     types (the same rows and values; written aside, then renamed into place)."""
+    if not src.name.startswith(FOREIGN_PREFIX):  # written by this project: the declared types
+        _link(src, dst)
+        return
     schema = pq.read_schema(src)
     plain = normalize_schema(schema)
     if plain.equals(schema, check_metadata=False):
@@ -412,6 +441,7 @@ def _mirror_file(src: Path, dst: Path) -> None:
 
 
 OldFile = tuple[str, int, dict[str, str | None]]  # an active file: path, size, partition values
+FOREIGN_PREFIX = "part-"  # how delta-rs names the files it writes (its MERGE)
 # A data file written for one source: ``<source id>-<token>-<n>.parquet``. Any other name is a
 # file shared by several sources (batched small sources, compaction).
 SOURCE_FILE_NAME = r"(?:^|/)(?P<sid>[0-9a-f]{16})-[0-9a-f]{12}-[0-9]+\.parquet$"

@@ -3,6 +3,7 @@ contents, never the manifest), register new sources as partitions and request ru
 changed ones. The cursor is a change-time watermark, so a tick costs one directory walk whatever
 the number of files already ingested."""
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -14,7 +15,10 @@ from bronze_assets.discovery import RawSource, discover
 from bronze_assets.resources import LakeResource
 from schemas.schemas import Table
 
-MAX_RUNS_PER_TICK = 500
+MAX_SOURCES_PER_TICK = 500
+SOURCES_PER_RUN = 100
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
 
 
 def _order(source: RawSource) -> tuple[int, str]:
@@ -35,7 +39,7 @@ def evaluate(
     been requested. A source is due when it is not yet a partition or changed after that
     position. The change time (ctime) moves on any write, rename or copy, even one that keeps
     an older modification time, so a replaced file is never missed; ordering ties by path lets
-    a tick stop after MAX_RUNS_PER_TICK sources and the next one carry on. The position never
+    a tick stop after MAX_SOURCES_PER_TICK sources and the next one carry on. The position never
     passes a source still being written (modified in the last ``settle_seconds``), so that one
     is taken once it settles, whatever its change time.
     """
@@ -57,20 +61,41 @@ def evaluate(
         and (horizon is None or _order(s) < horizon)
     ]
     due.sort(key=_order)
-    due = due[:MAX_RUNS_PER_TICK]
-    new_keys = [s.src_path for s in due if s.src_path not in registered]
-    requests = [
-        dg.RunRequest(
-            partition_key=s.src_path,
-            run_key=f"{table.name}:{s.src_path}:{s.mtime_ns}:{s.size}",
-            tags={"bronze/table": table.name},
-        )
-        for s in due
-    ]
+    due = due[:MAX_SOURCES_PER_TICK]
+    fresh = [s for s in due if s.src_path not in registered]
+    new_keys = [s.src_path for s in fresh]
+    # New sources are registered in this order, so that consecutive ones make a range of
+    # partition keys: one run ingests up to SOURCES_PER_RUN of them (a process start per small
+    # file would cost more than its ingestion). A changed source has its own run.
+    requests = [_request(table, [s]) for s in due if s.src_path in registered]
+    requests += [_request(table, fresh[i : i + SOURCES_PER_RUN]) for i in range(0, len(fresh), SOURCES_PER_RUN)]
     if due:
         position = max(position, _order(due[-1]))
     cursor_out = json.dumps({"ctime_ns": position[0], "path": position[1]})
     return new_keys, requests, cursor_out, sorted(s.src_path for s in waiting)
+
+
+def _request(table: Table, sources: list[RawSource]) -> dg.RunRequest:
+    """A run for ``sources`` (consecutive partition keys), keyed by their identities so that the
+    same files never launch twice and a replaced one launches again."""
+    tags = {"bronze/table": table.name}
+    if len(sources) == 1:
+        s = sources[0]
+        return dg.RunRequest(partition_key=s.src_path, run_key=f"{table.name}:{s.src_path}:{s.mtime_ns}:{s.size}", tags=tags)
+    identity = hashlib.sha256("\n".join(f"{s.src_path}:{s.mtime_ns}:{s.size}" for s in sources).encode()).hexdigest()
+    first, last = sources[0].src_path, sources[-1].src_path
+    return dg.RunRequest(
+        run_key=f"{table.name}:{len(sources)} sources:{identity[:32]}",
+        tags=tags | {RANGE_START: first, RANGE_END: last},
+    )
+
+
+def request_keys(request: dg.RunRequest, order: list[str]) -> list[str]:
+    """The partition keys a run request carries, ``order`` being the keys in registration order."""
+    if request.partition_key is not None:
+        return [request.partition_key]
+    first, last = order.index(request.tags[RANGE_START]), order.index(request.tags[RANGE_END])
+    return order[first : last + 1]
 
 
 def build_sensor(table: Table, asset: dg.AssetsDefinition) -> dg.SensorDefinition:

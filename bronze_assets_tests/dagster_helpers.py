@@ -180,6 +180,7 @@ class Run:
     run_id: str
     status: str
     tags: dict[str, str]
+    keys: list[str] = field(default_factory=list)  # the partition keys it ingests (one, or a range)
 
     @property
     def partition(self) -> str | None:
@@ -248,14 +249,32 @@ class DagsterDev:
     def runs(self) -> list[Run]:
         data = self.graphql(RUNS_QUERY)["runsOrError"]
         assert data["__typename"] == "Runs", data
-        return [Run(r["runId"], r["status"], {t["key"]: t["value"] for t in r["tags"]}) for r in data["results"]]
+        runs = [Run(r["runId"], r["status"], {t["key"]: t["value"] for t in r["tags"]}) for r in data["results"]]
+        for run in runs:
+            run.keys = self._keys_of(run)
+        return runs
+
+    def _keys_of(self, run: Run) -> list[str]:
+        if run.partition is not None:
+            return [run.partition]
+        start, end = run.tags.get("dagster/asset_partition_range_start"), run.tags.get("dagster/asset_partition_range_end")
+        table = run.tags.get("bronze/table")
+        if start is None or end is None or table is None:
+            return []
+        import dagster as dg
+        from dagster._core.instance.ref import InstanceRef
+
+        with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(self.home))) as instance:
+            order = list(instance.get_dynamic_partitions(f"{table}__sources"))
+        return order[order.index(start) : order.index(end) + 1]
 
     def runs_for(self, partitions: Iterable[str]) -> dict[str, list[Run]]:
         wanted = set(partitions)
         out: dict[str, list[Run]] = {p: [] for p in wanted}
         for r in self.runs():
-            if r.partition in wanted:
-                out[r.partition].append(r)
+            for key in r.keys:
+                if key in wanted:
+                    out[key].append(r)
         return out
 
     def wait_for_success(self, partitions: Iterable[str], *, timeout: float) -> dict[str, Run]:
@@ -298,7 +317,7 @@ class DagsterDev:
     def status(self) -> str:
         """Runs and recent sensor ticks, for a failure message."""
         try:
-            runs = [(r.partition, r.status) for r in self.runs()]
+            runs = [(r.keys, r.status) for r in self.runs()]
             sensors = self.graphql(TICKS_QUERY, {"selector": self.selector})["sensorsOrError"].get("results", [])
             ticks = {s["name"]: s["sensorState"]["ticks"][:2] for s in sensors}
         except Exception as exc:  # diagnostics only

@@ -118,7 +118,7 @@ def spread(steps: list[str], n: int) -> list[int]:
 
 @pytest.mark.slow
 def test_many_kill_points_over_a_fresh_run(fresh_bench: Bench) -> None:
-    points = spread(fresh_bench.steps, 12)
+    points = spread(fresh_bench.steps, 8)
     for step in points:
         fresh_bench.kill_and_check(step)
     print(f"\nfresh: {len(points)} kill points of {len(fresh_bench.steps)} steps survived")
@@ -126,7 +126,7 @@ def test_many_kill_points_over_a_fresh_run(fresh_bench: Bench) -> None:
 
 @pytest.mark.slow
 def test_many_kill_points_over_an_incremental_run(incremental_bench: Bench) -> None:
-    points = spread(incremental_bench.steps, 12)
+    points = spread(incremental_bench.steps, 8)
     for step in points:
         incremental_bench.kill_and_check(step)
     print(f"\nincremental: {len(points)} kill points of {len(incremental_bench.steps)} steps survived")

@@ -87,6 +87,7 @@ def test_sensor_run_ingests_a_new_file(server: tuple[DagsterDev, Paths]) -> None
 
     run = runs[key(NEW)]
     assert run.tags.get("dagster/sensor_name") == "orders_sources", run.tags
+    assert run.keys == [key(NEW)]
     assert run.tags.get("bronze/table") == "orders", run.tags
     assert_checks_pass(dev)
 
@@ -108,10 +109,14 @@ def test_four_files_at_once_all_succeed_and_match_a_clean_cli_run(
     assert {key(n) for n in FOUR} <= set(runs)
 
     every_run = dev.runs()
-    assert all(r.status == "SUCCESS" for r in every_run), [(r.partition, r.status) for r in every_run]
-    # One run per source: nothing ran twice, nothing failed and was retried.
-    partitions = [r.partition for r in every_run]
-    assert sorted(partitions) == raw_orders(paths), partitions  # type: ignore[type-var]
+    assert all(r.status == "SUCCESS" for r in every_run), [(r.keys, r.status) for r in every_run]
+    # Each source in exactly one run: nothing ran twice, nothing failed and was retried.
+    partitions = [k for r in every_run for k in r.keys]
+    assert sorted(partitions) == raw_orders(paths), partitions
+    # The four files dropped together are taken by one tick, in one run (two, should a tick fall
+    # in the milliseconds between the files settling).
+    four = [r for r in every_run if set(r.keys) & {key(n) for n in FOUR}]
+    assert 1 <= len(four) <= 2 and max(len(r.keys) for r in four) >= 2, [r.keys for r in four]
     errors = dev.run_errors(every_run)
     assert errors == "", errors  # no DuckDB lock error, no error of any kind
     assert_checks_pass(dev)

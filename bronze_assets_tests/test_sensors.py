@@ -23,7 +23,7 @@ import bronze_assets.sensors as sensors_module
 from bronze_assets.assets import partitions_name
 from bronze_assets.definitions import sensors as DEFINED_SENSORS
 from bronze_assets.resources import LakeResource
-from bronze_assets.sensors import evaluate
+from bronze_assets.sensors import evaluate, request_keys
 from schemas.schemas import TABLES_BY_NAME
 
 ORDERS = TABLES_BY_NAME["orders"]
@@ -43,6 +43,19 @@ def put(path: Path, text: str, *, mtime: float) -> Path:
     path.write_text(text)
     os.utime(path, (mtime, mtime))
     return path
+
+
+def keys(requests: list[dg.RunRequest] | None, new_keys: list[str] | None = None) -> list[str]:
+    """The partition keys of the run requests (a run over new sources carries a range of them,
+    in the order ``new_keys`` registers them)."""
+    out: list[str] = []
+    for r in requests or []:
+        out += request_keys(r, list(new_keys or []))
+    return out
+
+
+def added_keys(result: dg.SensorResult) -> list[str]:
+    return [k for req in result.dynamic_partitions_requests or [] for k in req.partition_keys]  # type: ignore[union-attr]
 
 
 def run_key_of(request: dg.RunRequest) -> str:
@@ -116,7 +129,7 @@ def test_new_file_is_registered_and_requested(raw: Path, lake: LakeResource) -> 
     new_keys, requests, cursor, waiting = evaluate(ORDERS, lake=lake, registered=set(), cursor=None, now=now)
 
     assert new_keys == ["orders/orders_2024-01-01.csv"]
-    assert [r.partition_key for r in requests] == ["orders/orders_2024-01-01.csv"]
+    assert keys(requests, new_keys) == ["orders/orders_2024-01-01.csv"]
     key = run_key_of(requests[0])
     assert str(st.st_mtime_ns) in key and str(st.st_size) in key
     assert waiting == []
@@ -142,7 +155,7 @@ def test_changed_file_is_requested_again_with_a_new_run_key(raw: Path, lake: Lak
     new_keys2, second, _, _ = evaluate(ORDERS, lake=lake, registered=set(new_keys), cursor=cursor, now=now)
 
     assert new_keys2 == []  # already a partition
-    assert [r.partition_key for r in second] == ["orders/orders_2024-01-01.csv"]
+    assert keys(second) == ["orders/orders_2024-01-01.csv"]
     assert second[0].run_key != first[0].run_key
     assert str(path.stat().st_mtime_ns) in run_key_of(second[0])
 
@@ -157,7 +170,7 @@ def test_file_still_being_written_waits_then_is_picked_up(raw: Path, lake: LakeR
 
     later = evaluate(ORDERS, lake=lake, registered=set(), cursor=cursor, now=now + SETTLE + 1)
     assert later[0] == ["orders/orders_2024-01-01.csv"]
-    assert [r.partition_key for r in later[1]] == ["orders/orders_2024-01-01.csv"]
+    assert keys(later[1], later[0]) == ["orders/orders_2024-01-01.csv"]
     assert later[3] == []
 
 
@@ -169,8 +182,8 @@ def test_only_the_tables_own_files_and_no_ignored_ones(raw: Path, lake: LakeReso
         put(raw / "orders" / ignored, "x\n", mtime=now - 60)
     put(raw / "products" / "products.csv", "product_id\n1\n", mtime=now - 60)
 
-    _, requests, _, _ = evaluate(ORDERS, lake=lake, registered=set(), cursor=None, now=now)
-    assert sorted(r.partition_key for r in requests) == ["orders/a.csv", "orders_2024-01-09.csv"]
+    new_keys, requests, _, _ = evaluate(ORDERS, lake=lake, registered=set(), cursor=None, now=now)
+    assert sorted(keys(requests, new_keys)) == ["orders/a.csv", "orders_2024-01-09.csv"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -189,7 +202,7 @@ def test_real_sensor_registers_requests_then_skips(
 
     first, cursor = tick("orders", instance, lake, None)
     assert isinstance(first, dg.SensorResult)
-    assert [r.partition_key for r in first.run_requests or []] == ["orders/orders_2024-01-01.csv"]
+    assert keys(first.run_requests, added_keys(first)) == ["orders/orders_2024-01-01.csv"]
     run_key = run_key_of((first.run_requests or [])[0])
     assert str(st.st_mtime_ns) in run_key and str(st.st_size) in run_key
     requests = first.dynamic_partitions_requests or []
@@ -221,7 +234,7 @@ def test_real_sensor_requests_a_changed_file_again(raw: Path, lake: LakeResource
     put(path, orders_text(7, seed=3), mtime=now - 30)
     changed, cursor = tick("orders", instance, lake, cursor)
     assert isinstance(changed, dg.SensorResult)
-    assert [r.partition_key for r in changed.run_requests or []] == ["orders/orders_2024-01-01.csv"]
+    assert keys(changed.run_requests) == ["orders/orders_2024-01-01.csv"]
     assert (changed.run_requests or [])[0].run_key != (first.run_requests or [])[0].run_key
     assert apply_partition_requests(instance, changed) == []  # already a partition
     again, _ = tick("orders", instance, lake, cursor)
@@ -244,7 +257,7 @@ def test_real_sensor_waits_for_a_file_still_being_written(
     os.utime(path, (past, past))
     later, _ = tick("orders", instance, lake, cursor)
     assert isinstance(later, dg.SensorResult)
-    assert [r.partition_key for r in later.run_requests or []] == ["orders/orders_2024-01-02.csv"]
+    assert keys(later.run_requests, added_keys(later)) == ["orders/orders_2024-01-02.csv"]
     assert [list(r.partition_keys) for r in later.dynamic_partitions_requests or []] == [  # type: ignore[union-attr]
         ["orders/orders_2024-01-02.csv"]
     ]
@@ -261,7 +274,7 @@ def test_delta_source_folder_is_one_partition_requested_again_on_a_new_commit(
 
     first, cursor = tick("returns", instance, lake, None)
     assert isinstance(first, dg.SensorResult)
-    assert [r.partition_key for r in first.run_requests or []] == ["returns/changes"]  # not its data files
+    assert keys(first.run_requests, added_keys(first)) == ["returns/changes"]  # not its data files
     assert [list(r.partition_keys) for r in first.dynamic_partitions_requests or []] == [["returns/changes"]]  # type: ignore[union-attr]
     apply_partition_requests(instance, first)
     assert instance.get_dynamic_partitions(partitions_name(RETURNS)) == ["returns/changes"]
@@ -279,7 +292,7 @@ def test_delta_source_folder_is_one_partition_requested_again_on_a_new_commit(
     os.utime(newest, (past, past))
     second, _ = tick("returns", instance, lake, cursor)
     assert isinstance(second, dg.SensorResult)
-    assert [r.partition_key for r in second.run_requests or []] == ["returns/changes"]
+    assert keys(second.run_requests) == ["returns/changes"]
     assert (second.run_requests or [])[0].run_key != (first.run_requests or [])[0].run_key
     assert apply_partition_requests(instance, second) == []
 
@@ -300,8 +313,10 @@ def test_ten_thousand_files_are_taken_500_per_tick(raw: Path, lake: LakeResource
     seconds = time.perf_counter() - started
     print(f"\nfirst sensor tick over 10,000 new files: {seconds:.3f} s")
     assert isinstance(first, dg.SensorResult)
-    first_keys = [r.partition_key for r in first.run_requests or []]
-    assert len(first_keys) == sensors_module.MAX_RUNS_PER_TICK == 500
+    first_keys = keys(first.run_requests, added_keys(first))
+    assert len(first_keys) == sensors_module.MAX_SOURCES_PER_TICK == 500
+    # One run per SOURCES_PER_RUN new sources, not one per file.
+    assert len(first.run_requests or []) == 500 // sensors_module.SOURCES_PER_RUN == 5
     assert [list(r.partition_keys) for r in first.dynamic_partitions_requests or []] == [first_keys]  # type: ignore[union-attr]
     assert seconds < 10, f"a tick over 10,000 files took {seconds:.1f} s (the sensor timeout is 60 s)"
 
@@ -314,10 +329,10 @@ def test_ten_thousand_files_are_taken_500_per_tick(raw: Path, lake: LakeResource
         slowest = max(slowest, time.perf_counter() - started)
         if isinstance(result, dg.SkipReason):
             break
-        keys = [r.partition_key for r in result.run_requests or []]
-        assert 0 < len(keys) <= 500
-        requested.update(keys)
-        assert apply_partition_requests(instance, result) == keys  # all new sources here
+        taken = keys(result.run_requests, added_keys(result))
+        assert 0 < len(taken) <= 500
+        requested.update(taken)
+        assert apply_partition_requests(instance, result) == taken  # all new sources here
         ticks += 1
         assert ticks <= 25, "the sensor does not make progress"
     print(f"{ticks} ticks took the 10,000 files; slowest tick {slowest:.3f} s")
@@ -337,13 +352,13 @@ def test_changed_files_beyond_one_tick_with_the_same_mtime_are_all_requested(
     """More changed sources than one tick takes, all with one modification time (files extracted
     from an archive, `touch -d`, a file system with coarse timestamps): the later ticks must still
     request those the first tick left."""
-    monkeypatch.setattr(sensors_module, "MAX_RUNS_PER_TICK", 2)
+    monkeypatch.setattr(sensors_module, "MAX_SOURCES_PER_TICK", 2)
     now = time.time()
     paths = [put(raw / "orders" / f"o{i}.csv", orders_text(1, seed=i), mtime=now - 100) for i in range(5)]
     registered: set[str] = set()
     cursor = None
     for _ in range(5):
-        new_keys, requests, cursor, _ = evaluate(ORDERS, lake=lake, registered=registered, cursor=cursor, now=now)
+        new_keys, _requests, cursor, _ = evaluate(ORDERS, lake=lake, registered=registered, cursor=cursor, now=now)
         registered |= set(new_keys)
     assert len(registered) == 5
 
@@ -352,7 +367,7 @@ def test_changed_files_beyond_one_tick_with_the_same_mtime_are_all_requested(
     requested: list[str] = []
     for _ in range(5):
         _, requests, cursor, _ = evaluate(ORDERS, lake=lake, registered=registered, cursor=cursor, now=now)
-        requested += [r.partition_key for r in requests]
+        requested += keys(requests)
     assert sorted(requested) == sorted(registered), f"requested only {sorted(requested)}"
 
 
@@ -363,11 +378,11 @@ def test_changed_file_with_an_older_mtime_is_requested(raw: Path, lake: LakeReso
     a = put(raw / "orders" / "a.csv", orders_text(1, seed=1), mtime=now - 300)
     put(raw / "orders" / "b.csv", orders_text(1, seed=2), mtime=now - 60)
     new_keys, requests, cursor, _ = evaluate(ORDERS, lake=lake, registered=set(), cursor=None, now=now)
-    assert len(requests) == 2
+    assert sorted(keys(requests, new_keys)) == ["orders/a.csv", "orders/b.csv"]
 
     put(a, orders_text(4, seed=3), mtime=now - 200)  # new content, an mtime older than b's
     _, requests, _, _ = evaluate(ORDERS, lake=lake, registered=set(new_keys), cursor=cursor, now=now)
-    assert [r.partition_key for r in requests] == ["orders/a.csv"]
+    assert keys(requests) == ["orders/a.csv"]
 
 
 def test_a_file_dated_in_the_future_does_not_hold_later_ones_back(raw: Path, lake: LakeResource) -> None:
@@ -375,8 +390,8 @@ def test_a_file_dated_in_the_future_does_not_hold_later_ones_back(raw: Path, lak
     now = time.time()
     put(raw / "orders" / "future.csv", orders_text(1, seed=1), mtime=now + 3600)
     put(raw / "orders" / "later.csv", orders_text(1, seed=2), mtime=now - 60)
-    _, requests, _, waiting = evaluate(ORDERS, lake=lake, registered=set(), cursor=None, now=now)
-    assert sorted(r.partition_key for r in requests) == ["orders/future.csv", "orders/later.csv"]
+    new_keys, requests, _, waiting = evaluate(ORDERS, lake=lake, registered=set(), cursor=None, now=now)
+    assert sorted(keys(requests, new_keys)) == ["orders/future.csv", "orders/later.csv"]
     assert waiting == []
 
 
@@ -389,9 +404,9 @@ def test_a_source_still_being_written_holds_the_cursor_before_it(raw: Path, lake
     time.sleep(0.01)
     put(raw / "orders" / "copied.csv", orders_text(1, seed=3), mtime=now - 600)  # cp -p: old mtime
     new_keys, requests, cursor, waiting = evaluate(ORDERS, lake=lake, registered=set(), cursor=None, now=now)
-    assert [r.partition_key for r in requests] == ["orders/early.csv"]
+    assert keys(requests, new_keys) == ["orders/early.csv"]
     assert waiting == ["orders/slow.csv"]
 
     os.utime(slow, (now - 30, now - 30))  # the writer finished
-    _, requests, _, _ = evaluate(ORDERS, lake=lake, registered=set(new_keys), cursor=cursor, now=now)
-    assert sorted(r.partition_key for r in requests) == ["orders/copied.csv", "orders/slow.csv"]
+    later_keys, requests, _, _ = evaluate(ORDERS, lake=lake, registered=set(new_keys), cursor=cursor, now=now)
+    assert sorted(keys(requests, later_keys)) == ["orders/copied.csv", "orders/slow.csv"]
