@@ -485,7 +485,7 @@ def _commit(
         active = {f.relpath for f in _active(DeltaTable(str(delta_dir)))}
         if not written or not all(w.relpath in active for w in written):
             for path in linked:
-                lake_mod._remove(path)
+                lake_mod._remove(path, within=delta_dir)
             raise
     step("rewrite.committed")
     dt_.update_incremental()

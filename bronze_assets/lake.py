@@ -654,7 +654,7 @@ class Lake:
             _mirror_file(delta_dir / rel, parquet_dir / rel)
             step("parquet.linked")
         for rel in commit.removed:
-            _remove(parquet_dir / rel)
+            _remove(parquet_dir / rel, within=parquet_dir)
         step("parquet.mirrored")
 
     @staticmethod
@@ -695,7 +695,7 @@ class Lake:
         for path in unreferenced:
             rel = urllib.parse.unquote(path)
             if rel not in removed_by_commits:
-                _remove(root / rel)
+                _remove(root / rel, within=root)
                 orphans.append(rel)
         return orphans
 
@@ -717,7 +717,7 @@ class Lake:
                     if rel in active:
                         present.add(rel)
                     else:
-                        _remove(pdir / rel)
+                        _remove(pdir / rel, within=pdir)
                         fixed += 1
         for rel in active - present:
             _mirror_file(self.delta_dir(table) / rel, pdir / rel)
@@ -745,14 +745,16 @@ def uri_path(relpath: str) -> str:
     return "/".join(urllib.parse.quote(part, safe="=-_.") for part in relpath.split("/"))
 
 
-def _remove(path: Path) -> None:
+def _remove(path: Path, *, within: Path) -> None:
+    """Delete a data file, and the partition folders it leaves empty, up to (not including) the
+    table folder ``within``."""
     try:
         path.unlink()
     except FileNotFoundError:
         return
     parent = path.parent
     try:
-        while parent.name and not any(parent.iterdir()):
+        while parent != within and parent.is_relative_to(within) and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
     except OSError:
