@@ -66,11 +66,14 @@ class Sizes:
     small_rows: int
     scale: tuple[int, ...]
     repeat: int
+    merge_rows: int = 5_000_000
+    merge_changes: int = 10_000
 
 
 FULL = Sizes(orders=5_000_000, events=2_000_000, sensors=5_000_000, small_files=1_000, small_rows=1_000,
              scale=(1_000_000, 5_000_000, 20_000_000), repeat=3)  # fmt: skip
-QUICK = Sizes(orders=20_000, events=10_000, sensors=20_000, small_files=50, small_rows=200, scale=(10_000, 40_000), repeat=1)
+QUICK = Sizes(orders=20_000, events=10_000, sensors=20_000, small_files=50, small_rows=200, scale=(10_000, 40_000), repeat=1,
+              merge_rows=20_000, merge_changes=1_000)  # fmt: skip
 
 
 @dataclass
@@ -234,7 +237,7 @@ def paired(configs: list[tuple[Config, Any]], repeat: int, work: Path) -> None:
 def file_sizes(lake: Path, case: str) -> dict[str, Any] | None:
     """Files per partition and their sizes in the Parquet output, after ingestion and after the
     maintenance job's compaction."""
-    table = {"orders": "orders", "events": "events", "sensors": "sensors"}.get(case.split("_")[0].split("-")[0])
+    table = {"orders": "orders", "events": "events", "sensors": "sensors", "small": "orders"}.get(case.split("_")[0])
     if table is None:
         return None
     from bronze_assets.compaction import maintain
@@ -339,7 +342,41 @@ def run_cases(sizes: Sizes, work: Path, cases: set[str] | None) -> list[Config]:
             ]
             paired(configs, sizes.repeat, work)
             results += [c for c, _ in configs]
+    if want("merge"):
+        results += merge_case(sizes, work)
     return results
+
+
+def merge_case(sizes: Sizes, work: Path) -> list[Config]:
+    """The returns upsert: a table of ``sizes.merge_rows`` rows is loaded once, then a file of
+    ``sizes.merge_changes`` changes (updates, one in ten a tombstone, one in ten a new key)
+    arrives; the run that merges it is measured, once per round, each time on a fresh copy."""
+    from bronze_assets.sample import write_returns_large
+
+    case = f"returns_merge_{sizes.merge_changes}_into_{sizes.merge_rows}"
+    data = work / "data" / case
+    marker = data / ".complete"
+    if not marker.exists():
+        shutil.rmtree(data, ignore_errors=True)
+        _, delta = write_returns_large(data / "raw", rows=sizes.merge_rows, changes=sizes.merge_changes)
+        delta.rename(data / delta.name)  # kept aside until the table is loaded
+        loaded = Config(case, "bronze_initial_load", size_mb(data / "raw"), sizes.merge_rows)
+        loaded.runs.append(measure(project(data / "raw", data / "loaded")))
+        (data / "initial.json").write_text(json.dumps(asdict(loaded)))
+        marker.write_text("")
+    initial = Config(**{k: v for k, v in json.loads((data / "initial.json").read_text()).items() if k != "runs"})
+    initial.runs = [Measure(**m) for m in json.loads((data / "initial.json").read_text())["runs"]]
+    delta_file = next(data.glob("*_changes_*.csv"))
+    merge = Config(case, "bronze_merge", delta_file.stat().st_size / 1e6, sizes.merge_changes)
+    for _ in range(sizes.repeat):
+        trial = work / "out" / case
+        shutil.rmtree(trial, ignore_errors=True)
+        shutil.copytree(data / "loaded", trial / "out", copy_function=shutil.copy2)
+        shutil.copytree(data / "raw", trial / "raw")
+        shutil.copy2(delta_file, trial / "raw" / "returns" / delta_file.name)
+        merge.runs.append(measure(project(trial / "raw", trial / "out")))
+        shutil.rmtree(trial, ignore_errors=True)
+    return [initial, merge]
 
 
 # ------------------------------------------------------------------------------------------
@@ -379,6 +416,9 @@ def targets(results: list[Config], rel: dict[str, dict[str, float]]) -> list[dic
             add(f"{case}: wall vs bare limit", r["bronze"], 2.5)
         if case.startswith("small_files_"):
             add(f"{case}: many files vs one file", r.get("bronze_many_files", float("nan")), 3.0)
+    for c in results:
+        if c.name == "bronze_merge":
+            add(f"{c.case}: peak memory GiB", c.median("peak_mib") / 1024, 2.0)
     scale = sorted((c for c in results if c.case.startswith("scale_") and c.name == "bronze"), key=lambda c: c.rows)
     for c in scale:
         add(f"{c.case}: peak memory GiB", c.median("peak_mib") / 1024, 1.5)
@@ -406,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bronze_assets.bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, one round (what the tests run)")
     p.add_argument("--repeat", type=int, help="rounds per case (default 3, quick 1)")
-    p.add_argument("--cases", help="comma-separated: orders,events,sensors,small_files,scale (default all)")
+    p.add_argument("--cases", help="comma-separated: orders,events,sensors,small_files,scale,merge (default all)")
     p.add_argument("--work", type=Path, help="where data and outputs go (default <lake>/_bench/work)")
     p.add_argument("--lake", type=Path, default=Path("lake"), help="the report goes to <lake>/_bench/")
     args = p.parse_args(argv)

@@ -377,8 +377,9 @@ def conform_table(lake: Lake, table: Table, *, also: Iterable[str] = (), mirror:
         return None
     groups = [sorted(g, key=lambda f: f.relpath) for _, g in sorted(by_partition.items())]
     commit, _ = _rewrite(
-        lake, table.name, dt_, groups, target_file_bytes=lake_mod.TARGET_FILE_BYTES, run_id=run_id, mirror=mirror
-    )
+        lake, table.name, dt_, groups, target_file_bytes=lake_mod.TARGET_FILE_BYTES, run_id=run_id, mirror=mirror,
+        ordered=False,
+    )  # fmt: skip
     return commit
 
 
@@ -391,6 +392,7 @@ def _rewrite(
     target_file_bytes: int,
     run_id: str,
     mirror: bool = True,
+    ordered: bool = True,
 ) -> tuple[DeltaCommit, list[WrittenFile]]:
     """Rewrite each group of one partition's files as compacted files with the table's whole
     schema, in one Delta commit that changes no data; with ``mirror``, make the Parquet dataset
@@ -403,7 +405,9 @@ def _rewrite(
     removed = [f for group in groups for f in group]
     committed = mirrored = False
     try:
-        written = [w for group in groups for w in _coalesce(group, delta_dir, staging, file_schema, target_file_bytes)]
+        written = [
+            w for group in groups for w in _coalesce(group, delta_dir, staging, file_schema, target_file_bytes, ordered=ordered)
+        ]
         version = _commit(dt_, delta_dir, staging, written, removed, schema, partition_by, run_id)
         committed = True
         commit = DeltaCommit(table, version, [w.relpath for w in written], [f.relpath for f in removed])
@@ -421,13 +425,25 @@ def _rewrite(
 
 
 def _coalesce(
-    group: list[_Active], delta_dir: Path, staging: Path, schema: pa.Schema, target_file_bytes: int
+    group: list[_Active],
+    delta_dir: Path,
+    staging: Path,
+    schema: pa.Schema,
+    target_file_bytes: int,
+    *,
+    ordered: bool = True,
 ) -> list[WrittenFile]:
-    """One partition's small files rewritten, in order, as compacted files under ``staging``."""
+    """One partition's files rewritten as compacted files under ``staging``: in (src_filename,
+    src_row_number) order, or with ``ordered=False`` file after file as they are, streaming
+    (conforming large files must not hold one in memory)."""
     folder = group[0].folder
     writer = _writer(staging / folder, schema, target_file_bytes)
+    paths = [delta_dir / f.relpath for f in group]
+    parts = _ordered(paths, schema) if ordered else (
+        _conform(b, schema) for p in paths for b in pq.ParquetFile(p).iter_batches(batch_size=131_072)
+    )
     try:
-        for part in _ordered([delta_dir / f.relpath for f in group], schema):
+        for part in parts:
             writer.write(part)
         new = writer.close()
         step("rewrite.written")

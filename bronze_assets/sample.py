@@ -1219,3 +1219,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+RETURNS_HEADER = "return_id,order_id,product_id,return_ts,quantity,reason,refund_amount,status,updated_at,op"
+
+
+def _returns_lines(rng: np.random.Generator, ids: np.ndarray, day: np.ndarray, op: pa.Array) -> pa.Array:
+    n = len(ids)
+    secs = rng.integers(0, 86_400, n)
+    stamp = _join(_date_str(day), "T", _time_str(secs), "Z")
+    reasons = _pick(("damaged", "late", "changed mind", "not as described"), rng.integers(0, 4, n))
+    statuses = _pick(("requested", "approved", "refunded", "closed"), rng.integers(0, 4, n))
+    return _join(
+        _str(ids), _str(rng.integers(100_000, 10_000_000, n)), _str(rng.integers(1, 5_000, n)), stamp,
+        _str(rng.integers(1, 5, n)), reasons, _money_str(rng.integers(100, 50_000, n)), statuses, stamp, op,
+        sep=",",
+    )  # fmt: skip
+
+
+def write_returns_large(out: Path, *, rows: int, changes: int, seed: int = 11) -> tuple[Path, Path]:
+    """Two returns CSVs under ``out/returns/``: ``rows`` returns (ids 1..rows), then ``changes``
+    records a day later: updates of existing ids (one in ten a tombstone) and one in ten a new
+    id. For measuring a MERGE of ``changes`` records into a ``rows``-row table."""
+    rng = np.random.default_rng(seed)
+    folder = out / "returns"
+    folder.mkdir(parents=True, exist_ok=True)
+    base, delta = folder / f"returns_{rows}.csv", folder / f"returns_{rows}_changes_{changes}.csv"
+    step = 1_000_000
+    with open(base, "wb") as fh:
+        fh.write((RETURNS_HEADER + "\n").encode())
+        for start in range(0, rows, step):
+            ids = np.arange(start + 1, min(rows, start + step) + 1)
+            _write_lines(fh, _returns_lines(rng, ids, rng.integers(0, 300, len(ids)), pa.array([""] * len(ids))))
+    new = changes // 10
+    ids = np.concatenate([rng.choice(rows, changes - new, replace=False) + 1, np.arange(rows + 1, rows + new + 1)])
+    ops = np.where(rng.random(changes) < 0.1, "D", "U")
+    with open(delta, "wb") as fh:
+        fh.write((RETURNS_HEADER + "\n").encode())
+        _write_lines(fh, _returns_lines(rng, ids, np.full(changes, 330), pa.array(ops.tolist())))
+    return base, delta

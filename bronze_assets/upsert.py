@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,15 +30,16 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake.transaction import AddAction, RemoveAction
 
 from bronze_assets.compaction import conform_table
 from bronze_assets.faults import step
-from bronze_assets.lake import DeltaCommit, Lake, WrittenFile
+from bronze_assets.lake import DeltaCommit, Lake, PartitionedWriter, WrittenFile, _link, uri_path
 from bronze_assets.readers import normalize_schema
 from schemas.schemas import Table
 
 BATCH_ROWS = 131_072
-DUCKDB_MEMORY = "1GB"
+DUCKDB_MEMORY = "512MB"  # the winners of a large load spill to the staging folder beyond this
 _GONE = "src_filename"  # null in a merge source row only when its key has no record left
 
 
@@ -104,7 +106,19 @@ def merge_winners(
     tmp = lake.staging_root / f"merge-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY, "temp_directory": str(tmp)})
+    props = CommitProperties(
+        app_transactions=[Transaction(app_id=app_id(table.name), version=history_version)],
+        custom_metadata={"bronze.run_id": run_id, "bronze.operation": "upsert"},
+    )
     try:
+        if not bronze_files:
+            # An empty table (the first load): it gets the winner of every key of the history,
+            # all inserts. They are streamed into Parquet files of this project's and committed
+            # with the same application transaction: one write, where a MERGE and its rewrite
+            # would cost two and hold the whole load in memory.
+            con.register("history", _dataset(history_files, schema))
+            winners = con.sql(f"SELECT * FROM history QUALIFY {_latest(table)} = 1").to_arrow_reader(BATCH_ROWS)
+            return _insert(lake, table, bronze, schema, (_conform(b, schema) for b in winners), props, tmp)
         changes = _changes(con, table, schema, key, [str(p) for p in touched], history_files, bronze_files)
         first = next(changes, None)
         if first is None:
@@ -112,10 +126,6 @@ def merge_winners(
             return None
         reader = pa.RecordBatchReader.from_batches(schema, _chain(first, changes))
         on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in key)
-        props = CommitProperties(
-            app_transactions=[Transaction(app_id=app_id(table.name), version=history_version)],
-            custom_metadata={"bronze.run_id": run_id, "bronze.operation": "upsert"},
-        )
         (
             bronze.merge(reader, predicate=on, source_alias="s", target_alias="t", merge_schema=True, commit_properties=props)
             .when_matched_delete(predicate=f"s.{_q(_GONE)} IS NULL")
@@ -131,6 +141,42 @@ def merge_winners(
     merged = lake.commit_actions(table.name, bronze.version())
     conformed = conform_table(lake, table, also=merged.added, mirror=False, run_id=run_id)
     return merged if conformed is None else merged.then(conformed)
+
+
+def _insert(
+    lake: Lake,
+    table: Table,
+    bronze: DeltaTable,
+    schema: pa.Schema,
+    rows: Iterator[pa.RecordBatch],
+    props: CommitProperties,
+    tmp: Path,
+) -> DeltaCommit | None:
+    """Write ``rows`` as new files of the (empty) bronze table, in one commit."""
+    token = uuid.uuid4().hex[:12]
+    writer = PartitionedWriter(tmp / "insert", schema, partition_by=(), prefix=f"batch-{token}")
+    try:
+        for batch in rows:
+            writer.write(pa.Table.from_batches([batch]))
+        files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    if not files:
+        return None
+    bdir = lake.delta_dir(table.name)
+    now_ms = int(time.time() * 1000)
+    actions: list[AddAction | RemoveAction] = []
+    for f in files:
+        _link(tmp / "insert" / f.relpath, bdir / f.relpath)
+        actions.append(AddAction(path=uri_path(f.relpath), size=f.size, partition_values={}, modification_time=now_ms,
+                                 data_change=True, stats=f.stats))  # fmt: skip
+    step("merge.linked")
+    lake._add_new_columns(bronze, schema)
+    bronze.create_write_transaction(actions, mode="append", schema=lake.table_schema(bronze), commit_properties=props)
+    step("merge.committed")
+    bronze.update_incremental()
+    return DeltaCommit(table.name, bronze.version(), [f.relpath for f in files], [])
 
 
 def catch_up(lake: Lake, table: Table, *, run_id: str) -> DeltaCommit | None:
@@ -187,17 +233,16 @@ def _changes(
     keys = ", ".join(_q(k) for k in key)
     identity = [*key, "src_filename", "src_row_number", "ingestion_ts"]
     con.register("touched", _dataset(touched, pa.schema([schema.field(k) for k in key])))
-    con.register("history", _dataset(history_files, schema))
-    con.register("bronze", _dataset(bronze_files, pa.schema([schema.field(c) for c in identity])))
-    assert table.order_by is not None
-    order = f"{_q(table.order_by)} DESC, ingestion_ts DESC, src_row_number DESC, src_filename DESC"
-    # DuckDB only picks the rows (the latest record per key); delta-rs's MERGE applies them.
     con.execute(f"CREATE TEMP TABLE keys AS SELECT DISTINCT {keys} FROM touched")
-    con.execute(
-        f"""CREATE TEMP VIEW winners AS
-            SELECT * FROM history SEMI JOIN keys USING ({keys})
-            QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {order}) = 1"""
-    )
+    # Only the records of the touched keys are read (pyarrow filters each batch and skips row
+    # groups by their statistics), a few batches ahead at most: the history may be far larger
+    # than what a batch touches.
+    first_keys = con.sql(f"SELECT {_q(key[0])} FROM keys").to_arrow_table().column(0)
+    wanted = pads.field(key[0]).isin(first_keys)
+    con.register("history", _scan(_dataset(history_files, schema), wanted))
+    con.register("bronze", _scan(_dataset(bronze_files, pa.schema([schema.field(c) for c in identity])), wanted))
+    # DuckDB only picks the rows (the latest record per key); delta-rs's MERGE applies them.
+    con.execute(f"CREATE TEMP TABLE winners AS SELECT * FROM history SEMI JOIN keys USING ({keys}) QUALIFY {_latest(table)} = 1")
     con.execute(f"CREATE TEMP TABLE held AS SELECT * FROM bronze SEMI JOIN keys USING ({keys})")
     same = " AND ".join(f"w.{_q(c)} IS NOT DISTINCT FROM h.{_q(c)}" for c in identity)
     columns = ", ".join(f"w.{_q(f.name)}" for f in schema)
@@ -210,6 +255,19 @@ def _changes(
         n = gone.num_rows
         arrays = [gone.column(f.name).cast(f.type) if f.name in key else pa.nulls(n, f.type) for f in schema]
         yield from pa.Table.from_arrays(arrays, schema=schema).to_batches(BATCH_ROWS)
+
+
+def _latest(table: Table) -> str:
+    """The rank of a record among its key's, the winner first: the latest ``order_by``, then
+    the source ingested last, then the later record in it."""
+    assert table.order_by is not None
+    keys = ", ".join(_q(k) for k in table.key)
+    order = f"{_q(table.order_by)} DESC, ingestion_ts DESC, src_row_number DESC, src_filename DESC"
+    return f"row_number() OVER (PARTITION BY {keys} ORDER BY {order})"
+
+
+def _scan(dataset: pads.Dataset, flt: pads.Expression) -> pa.RecordBatchReader:
+    return dataset.scanner(filter=flt, batch_size=65_536, batch_readahead=2, fragment_readahead=1).to_reader()
 
 
 def _dataset(files: list[str], schema: pa.Schema) -> pads.Dataset:

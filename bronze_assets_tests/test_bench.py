@@ -17,7 +17,8 @@ def test_quick_benchmark_runs_every_case_and_writes_its_report(tmp_path: Path) -
     assert bench.main(["--quick", "--lake", str(tmp_path / "lake")]) == 0
     report = json.loads((tmp_path / "lake" / "_bench" / "quick.json").read_text())
     cases = {r["case"] for r in report["results"]}
-    assert {"orders_20000", "events_10000", "sensors_20000", "small_files_50x200", "scale_10000", "scale_40000"} <= cases
+    assert {"orders_20000", "events_10000", "sensors_20000", "small_files_50x200", "scale_10000", "scale_40000",
+            "returns_merge_1000_into_20000"} <= cases
     for r in report["results"]:
         assert r["runs"], r["name"]
         assert all(m["returncode"] == 0 for m in r["runs"]), r
