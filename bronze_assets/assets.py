@@ -16,7 +16,7 @@ from bronze_assets.ingest import Session
 from bronze_assets.lake import Lake
 from bronze_assets.resources import LakeResource, ManifestResource
 from bronze_assets.staging import Batch, Outcome
-from bronze_assets.validation import REASONS, output_schema
+from bronze_assets.validation import REASONS, REJECT_SCHEMA, output_schema
 from schemas.schemas import Table
 
 
@@ -42,6 +42,10 @@ def delta_key(table: Table) -> dg.AssetKey:
 
 def parquet_key(table: Table) -> dg.AssetKey:
     return dg.AssetKey(["bronze", table.name, "parquet"])
+
+
+def rejects_key(table: Table) -> dg.AssetKey:
+    return dg.AssetKey(["bronze", table.name, "rejects"])
 
 
 def column_schema(table: Table) -> dg.TableSchema:
@@ -79,13 +83,19 @@ def _metrics(batches: list[Batch], seconds: float) -> dict[str, Any]:
 def build_table_asset(table: Table) -> dg.AssetsDefinition:
     """The multi-asset of one table."""
     partitions = partitions_for(table)
-    dkey, pkey = delta_key(table), parquet_key(table)
+    dkey, pkey, rkey = delta_key(table), parquet_key(table), rejects_key(table)
     metadata = {"dagster/column_schema": column_schema(table), "dagster/table_name": table.name}
     specs = [
         dg.AssetSpec(dkey, kinds={"delta"}, metadata=metadata, group_name="bronze", description=table.description)
         .with_io_manager_key("delta_io"),
         dg.AssetSpec(pkey, kinds={"parquet"}, metadata=metadata, group_name="bronze", description=table.description)
         .with_io_manager_key("parquet_io"),
+        dg.AssetSpec(
+            rkey, kinds={"csv"}, group_name="bronze",
+            description=f"The rejected records of {table.name}: one CSV per source under _rejects/{table.name}/, "
+            "with the reason code, the column and value, and the record as read.",
+            metadata={"dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in REJECT_SCHEMA])},
+        ).with_io_manager_key("rejects_io"),
     ]
     check_specs = [
         dg.AssetCheckSpec("schema_conforms", asset=dkey, description="Both outputs carry the declared columns and types."),
@@ -136,7 +146,18 @@ def build_table_asset(table: Table) -> dg.AssetsDefinition:
             yield dg.MaterializeResult(asset_key=dkey, value=batches, metadata=metrics)
             yield dg.MaterializeResult(asset_key=pkey, value=batches, metadata=metrics)
             outcomes = [o for b in batches for o in session.finish(b)]
-        yield from _check_results(table, Lake(settings.lake), outcomes)
+        lake_ = Lake(settings.lake)
+        # The rejects are placed once their sources are recorded: their asset comes last.
+        yield dg.MaterializeResult(
+            asset_key=rkey,
+            value=[o.src_path for o in outcomes],
+            metadata={
+                **{k: v for k, v in metrics.items() if k == "rows_rejected" or k.startswith("rejected_")},
+                "reject_files": sum(lake_.rejects_file(table.name, o.src_path).exists() for o in outcomes),
+                "dagster/uri": str(lake_.rejects_dir(table.name)),
+            },
+        )
+        yield from _check_results(table, lake_, outcomes)
         failed = [o for o in outcomes if o.status == "failed"]
         if failed:
             raise dg.Failure(

@@ -12,7 +12,7 @@ import dagster as dg
 
 from bronze_assets.assets import build_table_asset, partitions_name
 from bronze_assets.discovery import discover
-from bronze_assets.io_managers import DeltaIOManager, ParquetIOManager
+from bronze_assets.io_managers import DeltaIOManager, ParquetIOManager, RejectsIOManager
 from bronze_assets.resources import LakeResource, ManifestResource
 from bronze_assets.sensors import build_sensor
 from schemas.schemas import TABLES
@@ -72,5 +72,6 @@ defs = dg.Definitions(
         "manifest": ManifestResource(database=MANIFEST),
         "delta_io": DeltaIOManager(lake=LAKE),
         "parquet_io": ParquetIOManager(lake=LAKE),
+        "rejects_io": RejectsIOManager(lake=LAKE),
     },
 )

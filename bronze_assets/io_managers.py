@@ -13,10 +13,12 @@ from typing import Any
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
 from bronze_assets.lake import Lake
 from bronze_assets.staging import Batch, publish_delta, publish_parquet
+from bronze_assets.validation import REJECT_SCHEMA
 
 
 def _batches(obj: Any) -> list[Batch]:
@@ -78,3 +80,27 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> pa.Table:
         path = Lake(Path(self.lake)).parquet_dir(_table_name(context))
         return _only_partitions(context, pads.dataset(str(path), format="parquet", partitioning="hive"))
+
+
+class RejectsIOManager(dg.ConfigurableIOManager):
+    """The rejects of a table, ``<lake>/_rejects/<table>/``: the asset places them itself when its
+    sources are recorded (one CSV per source, replaced when the source is ingested again), so
+    writing does nothing more; reading gives the reject rows of the partitions asked for (all
+    sources without partitions) as one Arrow table."""
+
+    lake: str = "lake"
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        return None
+
+    def load_input(self, context: dg.InputContext) -> pa.Table:
+        lake = Lake(Path(self.lake))
+        table = _table_name(context)
+        if context.has_asset_partitions:
+            files = [lake.rejects_file(table, key) for key in context.asset_partition_keys]
+        else:
+            folder = lake.rejects_dir(table)
+            files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
+        convert = pacsv.ConvertOptions(column_types=REJECT_SCHEMA, strings_can_be_null=True)
+        parts = [pacsv.read_csv(f, convert_options=convert) for f in files if f.exists()]
+        return pa.concat_tables([p.select(REJECT_SCHEMA.names) for p in parts]) if parts else REJECT_SCHEMA.empty_table()

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 from deltalake import DeltaTable
 
 from bronze_assets.assets import build_table_asset, partitions_name
-from bronze_assets.io_managers import DeltaIOManager, ParquetIOManager
+from bronze_assets.io_managers import DeltaIOManager, ParquetIOManager, RejectsIOManager
 from bronze_assets.resources import LakeResource, ManifestResource
 from schemas.schemas import TABLES_BY_NAME
 
@@ -40,6 +41,7 @@ class Env:
             "manifest": ManifestResource(database=str(self.root / "m.duckdb")),
             "delta_io": DeltaIOManager(lake=str(self.lake)),
             "parquet_io": ParquetIOManager(lake=str(self.lake)),
+            "rejects_io": RejectsIOManager(lake=str(self.lake)),
         }
 
     def materialize(self, keys: list[str], *, table: str = "orders", **kwargs: object) -> dg.ExecuteInProcessResult:
@@ -87,7 +89,9 @@ def test_one_partition_lands_in_both_outputs_with_metadata_and_passing_checks(en
     assert result.success
     assert env.rows("delta") == env.rows("parquet") == {"orders/orders_2024-01-01.csv": 297}
     mats = {m.asset_key.to_user_string(): m for m in result.asset_materializations_for_node("bronze_orders")}
-    assert set(mats) == {"bronze/orders/delta", "bronze/orders/parquet"}
+    assert set(mats) == {"bronze/orders/delta", "bronze/orders/parquet", "bronze/orders/rejects"}
+    rejects_md = mats["bronze/orders/rejects"].metadata
+    assert (rejects_md["rows_rejected"].value, rejects_md["reject_files"].value) == (3, 1)
     md = mats["bronze/orders/delta"].metadata
     assert md["dagster/row_count"].value == 297
     assert md["rows_rejected"].value == 3
@@ -195,3 +199,20 @@ def test_returns_upserted_through_the_io_managers_with_the_one_row_per_key_check
     assert not passed
     assert evidence["keys_with_several_rows"] == 1
     assert evidence["examples"] == [{"return_id": ids[0], "rows": 2}]
+
+
+def test_the_rejects_asset_loads_the_reject_rows_of_its_partitions(env: Env) -> None:
+    assert env.materialize(["orders/orders_2024-01-01.csv", "orders/orders_2024-01-02.csv"]).success
+    manager = RejectsIOManager(lake=str(env.lake))
+    context = dg.build_input_context(
+        asset_key=dg.AssetKey(["bronze", "orders", "rejects"]),
+        partition_key="orders/orders_2024-01-01.csv",
+        asset_partitions_def=dg.DynamicPartitionsDefinition(name=partitions_name(ORDERS)),
+        instance=env.instance,
+    )
+    rows = manager.load_input(context)
+    assert rows.num_rows == 3
+    assert set(rows.column("src_filename").to_pylist()) == {"orders/orders_2024-01-01.csv"}
+    assert rows.schema.field("src_row_number").type == pa.int64()
+    everything = manager.load_input(dg.build_input_context(asset_key=dg.AssetKey(["bronze", "orders", "rejects"])))
+    assert everything.num_rows == 3 + 4

@@ -1,7 +1,7 @@
 """The CI path through the real ``dagster`` CLI on a fresh, persistent DAGSTER_HOME:
 
     dagster job execute -m bronze_assets.definitions -j register_raw_sources_job
-    dagster asset materialize -m bronze_assets.definitions --select 'bronze/T/delta,bronze/T/parquet' \\
+    dagster asset materialize -m bronze_assets.definitions --select 'bronze/T/delta,bronze/T/parquet,bronze/T/rejects' \\
         --partition-range 'FIRST...LAST'          # one run per table
     dagster asset materialize ... --partition KEY  # one source
 
@@ -43,7 +43,7 @@ TABLES = (*RANGE_TABLES, SINGLE[0])
 
 
 def selection(table: str) -> str:
-    return f"bronze/{table}/delta,bronze/{table}/parquet"
+    return f"bronze/{table}/delta,bronze/{table}/parquet,bronze/{table}/rejects"
 
 
 def registered(home: Path, table: str) -> list[str]:
