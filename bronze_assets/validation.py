@@ -91,16 +91,20 @@ def _from_text(s: str, t: pa.DataType) -> str:
     trim() is needed (trim with a character set is one of DuckDB's slower string functions).
     """
     if pa.types.is_integer(t):
-        return (
+        return _canonical_first(
+            s,
+            sql_type(t),
             f"CASE WHEN regexp_full_match({s}, '\\s*[+-]?[0-9]+(\\.0*)?\\s*') "
-            f"THEN TRY_CAST(regexp_extract({s}, '[+-]?[0-9]+') AS {sql_type(t)}) END"
+            f"THEN TRY_CAST(regexp_extract({s}, '[+-]?[0-9]+') AS {sql_type(t)}) END",
         )
     if pa.types.is_decimal(t):
         wide = f"DECIMAL(38,{min(37, max(t.scale + 10, 18))})"
         target = sql_type(t)
-        return (
+        return _canonical_first(
+            s,
+            target,
             f"CASE WHEN regexp_full_match({s}, '\\s*[+-]?([0-9]+\\.?[0-9]*|\\.[0-9]+)\\s*') "
-            f"AND TRY_CAST({s} AS {wide}) = TRY_CAST({s} AS {target}) THEN TRY_CAST({s} AS {target}) END"
+            f"AND TRY_CAST({s} AS {wide}) = TRY_CAST({s} AS {target}) THEN TRY_CAST({s} AS {target}) END",
         )
     if pa.types.is_floating(t):
         return f"TRY_CAST({s} AS DOUBLE)"
@@ -119,6 +123,14 @@ def _from_text(s: str, t: pa.DataType) -> str:
     if pa.types.is_timestamp(t):
         return f"TRY_CAST({s} AS TIMESTAMPTZ)"
     raise ValueError(f"unsupported declared type {t}")
+
+
+def _canonical_first(s: str, target: str, checked: str) -> str:
+    """``checked`` (the conversion that proves itself lossless), preceded by a fast path for text
+    that is already the value's canonical spelling (``123``, ``-4.50`` for decimal(10,2)): such
+    text converts without loss by definition, and checking it by printing the value back costs a
+    fraction of the regular expressions. Anything else takes the checked path."""
+    return f"CASE WHEN TRY_CAST({s} AS {target})::VARCHAR = {s} THEN TRY_CAST({s} AS {target}) ELSE {checked} END"
 
 
 def _from_native(x: str, src: pa.DataType, t: pa.DataType) -> str:
@@ -339,7 +351,14 @@ class Validator:
         sql = f"SELECT {', '.join(l2)} FROM ({sql})"
         sql = f"SELECT {', '.join(l3)} FROM ({sql})"
         self.sql_all_raw = f"SELECT {self._outer_all_raw} FROM ({sql})"
-        return f"SELECT {', '.join(outer)} FROM ({sql})"
+        # Ordered by source (when several are validated together), then valid rows before rejects,
+        # then partition, then record: each source's valid rows and its rejects are contiguous
+        # slices of the result (no copies to split them), and the writer finds each partition's
+        # rows together, in record order (no sort of its own). DuckDB sorts on all its threads:
+        # a tenth of the statement's time, against a single-threaded copy of every column.
+        order = ["_why IS NOT NULL", *(ident(c) for c in table.partition_by), "src_row_number"]
+        self.sql_many = f"SELECT {', '.join(outer)} FROM ({sql}) ORDER BY src_filename, {', '.join(order)}"
+        return f"SELECT {', '.join(outer)} FROM ({sql}) ORDER BY {', '.join(order)}"
 
     def _convert(self, i: str, src: pa.DataType | None, col: Column) -> str:
         t = col.type
@@ -357,7 +376,9 @@ class Validator:
     @staticmethod
     def _missing(i: str, src: pa.DataType | None) -> str:
         if _is_text(src):
-            return f"({i} IS NULL OR regexp_full_match({i}, '\\s*'))"
+            # A value whose first character is not ASCII whitespace (or a control character) is
+            # not blank: the regular expression runs only on the few that might be.
+            return f"(CASE WHEN {i} IS NULL THEN true WHEN ascii({i}) > 32 THEN false ELSE regexp_full_match({i}, '\\s*') END)"
         return f"({i} IS NULL)"
 
     def _rescued_sql(self, present: dict[str, pa.DataType], json_mode: bool) -> str:
@@ -435,9 +456,8 @@ class Validator:
         ]
         results: dict[str, BatchResult] = {}
         if tables:
-            result = self._execute(pa.concat_tables(tables))
-            if result.num_rows:
-                result = result.take(pc.sort_indices(result, [("src_filename", "ascending")]))
+            result = self._execute(pa.concat_tables(tables), many=True)
+            if result.num_rows:  # ordered by src_filename: each source's rows are one slice
                 src = result.column("src_filename").combine_chunks()
                 n = result.num_rows
                 change = np.zeros(n, dtype=bool)
@@ -453,7 +473,7 @@ class Validator:
         empty = self._split(self._empty_result(), None)
         return [results.get(src, empty) for _, src, _ in parts]
 
-    def _execute(self, data: pa.Table, *, all_raw: bool = False) -> pa.Table:
+    def _execute(self, data: pa.Table, *, all_raw: bool = False, many: bool = False) -> pa.Table:
         con = self._con
         if self.raw_kind == "json":
             # Only text that parses goes near DuckDB's JSON functions: the planner may hoist their
@@ -467,7 +487,7 @@ class Validator:
         # Several smaller batches let DuckDB spread the statement over its threads.
         con.register("src", pa.Table.from_batches(data.to_batches(max_chunksize=SCAN_ROWS), schema=data.schema))
         try:
-            return con.sql(self.sql_all_raw if all_raw else self.sql).to_arrow_table()
+            return con.sql(self.sql_all_raw if all_raw else self.sql_many if many else self.sql).to_arrow_table()
         finally:
             con.unregister("src")
 
@@ -478,7 +498,6 @@ class Validator:
 
     def _split(self, result: pa.Table, force: tuple[str, str] | None) -> BatchResult:
         why = result.column("_why")
-        is_valid = pc.is_null(why)
         keys: set[str] = set()
         if self.raw_kind == "json":
             for c in self.table.columns:
@@ -498,8 +517,13 @@ class Validator:
                 schema=REJECT_SCHEMA,
             )
             return BatchResult(self.output_schema.empty_table(), rejects, Counter({force[0]: n}), keys)
-        valid = result.filter(is_valid).select(self.output_schema.names).cast(self.output_schema)
-        bad = result.filter(pc.invert(is_valid))
+        n_valid = why.null_count
+        if why.slice(0, n_valid).null_count == n_valid:
+            valid, bad = result.slice(0, n_valid), result.slice(n_valid)  # valid rows come first
+        else:
+            is_valid = pc.is_null(why)
+            valid, bad = result.filter(is_valid), result.filter(pc.invert(is_valid))
+        valid = valid.select(self.output_schema.names).cast(self.output_schema)
         reasons: Counter[str] = Counter()
         if bad.num_rows:
             codes = pa.array(self.reason_by_code, pa.string())

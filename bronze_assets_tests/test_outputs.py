@@ -441,3 +441,30 @@ def test_delta_filters_on_any_column_find_every_matching_row(lake_run):
                 if expected is None:
                     expected = everything.column(column).null_count
                 assert got == expected, (name, column, value)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "interleaved"])
+def test_partitioned_writer_makes_one_file_per_partition_in_input_order(tmp_path, grouped):
+    """Rows that arrive grouped by partition are written as they come; interleaved ones are
+    grouped first. Either way each partition gets one file holding its rows in arrival order."""
+    from bronze_assets.lake import PartitionedWriter
+
+    n = 1_000
+    days = [dt.date(2024, 1, 1 + (i // 250 if grouped else i % 4)) for i in range(n)]
+    schema = pa.schema([("k", pa.int64()), ("name", pa.string()), ("day", pa.date32())])
+    writer = PartitionedWriter(tmp_path / "out", schema, partition_by=("day",), prefix="t")
+    for start in range(0, n, 300):
+        stop = min(n, start + 300)
+        writer.write(
+            pa.table({"k": list(range(start, stop)), "name": [f"n{i}" for i in range(start, stop)], "day": days[start:stop]}, schema=schema)
+        )
+    files = writer.close()
+    assert sorted(f.partition_values["day"] for f in files) == [f"2024-01-0{d}" for d in range(1, 5)]
+    assert sum(f.rows for f in files) == n
+    for f in files:
+        got = pq.read_table(tmp_path / "out" / f.relpath)
+        day = dt.date.fromisoformat(f.partition_values["day"])
+        want = [i for i in range(n) if days[i] == day]
+        assert got.column("k").to_pylist() == want
+        assert got.column("name").to_pylist() == [f"n{i}" for i in want]
+        assert got.schema.names == ["k", "name"]
