@@ -219,7 +219,7 @@ class PartitionedWriter:
         state = self._open[key]
         if not state.pending:
             return
-        data = pa.concat_tables(state.pending).combine_chunks()
+        data = pa.concat_tables(state.pending)  # the writer takes the chunks as they are: no copy
         with self._lock:
             self._buffered -= state.pending_bytes
         state.pending, state.pending_rows, state.pending_bytes = [], 0, 0

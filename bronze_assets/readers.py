@@ -449,8 +449,27 @@ def read_jsonl(source: RawSource, *, chunk_bytes: int = CHUNK_BYTES) -> Reading:
 
 
 def _blank_records(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    nonspace = np.flatnonzero((a != 32) & (a != 9) & (a != 13) & (a != LF))
-    return np.searchsorted(nonspace, ends) == np.searchsorted(nonspace, starts)
+    """Mask of the records that hold only whitespace. A record whose first byte is not
+    whitespace is not blank (nearly every JSON line starts with ``{``); only the others, and
+    only the bytes of those, are looked at."""
+    blank = starts >= ends
+    maybe = np.flatnonzero(~blank)
+    if maybe.size:
+        first = a[starts[maybe]]
+        maybe = maybe[(first == 32) | (first == 9) | (first == 13) | (first == LF)]
+    if maybe.size:
+        lengths = ends[maybe] - starts[maybe]
+        if int(lengths.sum()) > a.size // 4:  # mostly indented lines: one pass over every byte
+            nonspace_at = np.flatnonzero((a != 32) & (a != 9) & (a != 13) & (a != LF))
+            return np.searchsorted(nonspace_at, ends) == np.searchsorted(nonspace_at, starts)
+        # The bytes of the candidate records, one after another, and which record each is from.
+        owner = np.repeat(np.arange(maybe.size), lengths)
+        within = np.arange(owner.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        b = a[starts[maybe][owner] + within]
+        nonspace = np.zeros(maybe.size, dtype=bool)
+        nonspace[owner[(b != 32) & (b != 9) & (b != 13) & (b != LF)]] = True
+        blank[maybe[~nonspace]] = True
+    return blank
 
 
 def read_json_array(source: RawSource, *, chunk_chars: int = 1 << 20) -> Reading:

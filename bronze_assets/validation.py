@@ -116,10 +116,10 @@ def _from_text(s: str, t: pa.DataType) -> str:
             f"WHEN regexp_full_match({s}, '(?i)\\s*({falses})\\s*') THEN false END"
         )
     if pa.types.is_date32(t):
-        return (
-            f"CASE WHEN regexp_full_match({s}, '\\s*[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}\\s*') "
-            f"THEN TRY_CAST({s} AS DATE) END"
-        )
+        checked = f"CASE WHEN regexp_full_match({s}, '\\s*[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}\\s*') THEN TRY_CAST({s} AS DATE) END"
+        # Ten characters that print back the same are YYYY-MM-DD (longer ones can be BC dates or
+        # five-digit years, which the checked path rejects).
+        return f"CASE WHEN length({s}) = 10 AND TRY_CAST({s} AS DATE)::VARCHAR = {s} THEN TRY_CAST({s} AS DATE) ELSE {checked} END"
     if pa.types.is_timestamp(t):
         return f"TRY_CAST({s} AS TIMESTAMPTZ)"
     raise ValueError(f"unsupported declared type {t}")
@@ -390,7 +390,10 @@ class Validator:
                 "list_filter(map_entries(json_transform(_j, '\"MAP(VARCHAR, JSON)\"')), "
                 f"lambda e: e.key NOT IN ({declared}) AND e.value::VARCHAR NOT IN ('null', '\"\"'))"
             )
-            self._json_rescue = f"CASE WHEN _ok THEN {kept} END AS _rk"
+            # Most records carry only declared keys: listing the keys is much cheaper than
+            # building the map of values, which is done only for records that have another key.
+            others = f"len(list_filter(json_keys(_j), lambda k: k NOT IN ({declared}))) > 0"
+            self._json_rescue = f"CASE WHEN _ok AND {others} THEN {kept} END AS _rk"
             return "CASE WHEN len(_rk) > 0 THEN to_json(map_from_entries(_rk))::VARCHAR END"
         if not self.extras:
             return "NULL::VARCHAR"

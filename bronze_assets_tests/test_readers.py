@@ -105,6 +105,20 @@ def test_jsonl_blank_lines_are_not_records(tmp_path: Path) -> None:
     assert [r["_raw"] for r in rows] == ['{"a":1}', '{"a":2}', "[1]", "{bad"]
 
 
+@pytest.mark.parametrize("indented", [3, 400], ids=["few-indented", "mostly-indented"])
+def test_jsonl_indented_and_blank_lines(tmp_path: Path, indented: int) -> None:
+    """Lines that start with whitespace are records unless they hold nothing else, whether a
+    few lines of a file are indented or nearly all of them."""
+    lines = [(" \t" if i < indented else "") + f'{{"a":{i}}}' for i in range(500)]
+    for at in (10, 250, 499):
+        lines.insert(at, " \t \r")
+    path = tmp_path / "e.jsonl"
+    path.write_text("\n".join(lines) + "\n\n")
+    rows = _rows(list(read_jsonl(_source(path, "jsonl"), chunk_bytes=1 << 12).batches))
+    assert [r["_row"] for r in rows] == list(range(1, 501))
+    assert [r["_raw"].strip() for r in rows] == [f'{{"a":{i}}}' for i in range(500)]
+
+
 def test_json_array_elements_streamed(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     path.write_text('[ {"a": 1},\n {"a": [1, 2]}, 7, {"b": "x"} ]')
