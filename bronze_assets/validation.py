@@ -254,14 +254,17 @@ class Validator:
 
         l1 = ["_row", "_bad", "_src", "_its", "_t", *(["_j"] if json_mode else [])]
         if json_mode:
-            l1 += ["_ok", "coalesce(json(_j)::VARCHAR, _t) AS _raw_out"]
-        else:
-            l1 += ["_t AS _raw_out"]
+            l1 += ["_ok"]
+        # The record as raw_record shows it (compact JSON for JSON): computed in the outer SELECT,
+        # where it is needed only for rejects.
+        raw_out = "coalesce(json(_j)::VARCHAR, _t)" if json_mode else "_t"
         input_types: dict[str, pa.DataType | None] = {}
         for k, col in enumerate(table.columns, start=1):
             if json_mode:
                 l1.append(f"_vals[{k}] AS {ident('i__' + col.name)}")
-                l1.append(f"CASE WHEN _ok THEN json_exists(_j, {lit('$.' + chr(34) + col.name + chr(34))}) END AS {ident('h__' + col.name)}")
+                # A key whose value was extracted exists; only the others are looked up.
+                exists = f"json_exists(_j, {lit('$.' + chr(34) + col.name + chr(34))})"
+                l1.append(f"CASE WHEN _vals[{k}] IS NOT NULL THEN true WHEN _ok THEN {exists} END AS {ident('h__' + col.name)}")
                 input_types[col.name] = None
             elif col.name in present:
                 l1.append(f"{ident(col.name)} AS {ident('i__' + col.name)}")
@@ -320,12 +323,12 @@ class Validator:
             "_why",
             f"CASE _why {detail_case} END AS _detail",
             # The raw text goes back out only for rejects: the rows keep just its hash.
-            "CASE WHEN _why IS NOT NULL THEN _raw_out END AS _raw_out",
+            f"CASE WHEN _why IS NOT NULL THEN {raw_out} END AS _raw_out",
             *out,
         ]
         if json_mode:
             outer += [ident("h__" + c.name) for c in table.columns if c.required]
-        self._outer_all_raw = ", ".join(o if not o.startswith("CASE WHEN _why IS NOT NULL THEN _raw_out") else "_raw_out" for o in outer)
+        self._outer_all_raw = ", ".join(o if not o.startswith("CASE WHEN _why IS NOT NULL THEN") else f"{raw_out} AS _raw_out" for o in outer)
         sql = f"SELECT {', '.join(l0)} FROM src"
         if self._wide:
             # json_object() over thousands of columns, or an expression per column, costs DuckDB
