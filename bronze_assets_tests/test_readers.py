@@ -165,3 +165,26 @@ def test_discovery_rules(tmp_path: Path) -> None:
     ]
     assert d.unmatched == ("inventory.csv",)
     assert file_format("x.NDJSON.gz") == ("jsonl", "gzip")
+
+
+def test_parquet_batches_are_sized_by_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Narrow rows come in large batches, wide rows in small ones; every row is read once, in
+    order, numbered from 1."""
+    import pyarrow.parquet as pq
+
+    from bronze_assets import readers
+
+    monkeypatch.setattr(readers, "PARQUET_BATCH_BYTES", 1 << 20)
+    narrow, wide = tmp_path / "narrow.parquet", tmp_path / "wide.parquet"
+    n = 20_000
+    pq.write_table(pa.table({"k": list(range(n))}), narrow, row_group_size=5_000)
+    pq.write_table(pa.table({"k": list(range(n)), "text": [f"{i:08d}" * 200 for i in range(n)]}), wide, row_group_size=5_000)
+    sizes = {}
+    for path in (narrow, wide):
+        batches = list(readers.read_parquet(_source(path, "parquet")).batches)
+        assert [r["_row"] for r in _rows(batches)] == list(range(1, n + 1))
+        assert [r["k"] for r in _rows(batches)] == list(range(n))
+        sizes[path.stem] = max(b.num_rows for b in batches)
+    assert sizes["narrow"] == n  # 160 KB of values: one batch
+    # 1,600 bytes a row: under a thousand rows would make 1 MB; the floor is 1,024.
+    assert sizes["wide"] == readers.parquet_batch_rows(pq.ParquetFile(wide).metadata) == readers.PARQUET_BATCH_ROWS[0]
