@@ -468,3 +468,30 @@ def test_partitioned_writer_makes_one_file_per_partition_in_input_order(tmp_path
         assert got.column("k").to_pylist() == want
         assert got.column("name").to_pylist() == [f"n{i}" for i in want]
         assert got.schema.names == ["k", "name"]
+
+
+def test_rows_keep_record_order_within_each_partition_and_rejects_keep_record_order(lake_run):
+    """The validating statement orders its result by validity and partition: each partition's
+    rows must still be in record order in its file, and the rejects CSV in record order."""
+    records = []
+    for n in range(1, 301):
+        over: dict[str, object] = {"order_id": n, "order_dt": f"2024-01-0{1 + n % 3}"}
+        if n % 7 == 0:
+            over["quantity"] = "many"  # TYPE_MISMATCH
+        if n % 11 == 0:
+            over["status"] = "paid"  # CONSTRAINT_VIOLATION
+        records.append(order(**over))
+    lr = lake_run({"orders/ordered.csv": orders_csv(*records)})
+    data = lr.lake / "bronze" / "parquet" / "orders"
+    files = sorted(data.rglob("*.parquet"))
+    assert len(files) == 3
+    for f in files:
+        numbers = pq.read_table(f).column("src_row_number").to_pylist()
+        assert numbers == sorted(numbers) and numbers
+    (reject_file,) = (lr.lake / "_rejects" / "orders").glob("*.csv")
+    with reject_file.open(newline="", encoding="utf-8") as fh:
+        import csv
+
+        numbers = [int(r["src_row_number"]) for r in csv.DictReader(fh)]
+    expected = [n for n in range(1, 301) if n % 7 == 0 or n % 11 == 0]
+    assert numbers == expected
