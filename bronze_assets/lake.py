@@ -424,6 +424,18 @@ def _decimal_bound(value: decimal.Decimal, *, upper: bool) -> float | None:
     return bound
 
 
+def _has_commit(log: Path) -> bool:
+    """Whether a ``_delta_log`` folder holds a commit or a checkpoint: a table exists. A run
+    killed while creating a table leaves the folder with at most a temporary file in it."""
+    try:
+        return any(COMMIT_FILE.match(e.name) for e in os.scandir(log))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+COMMIT_FILE = re.compile(r"^\d{20}\.(json|checkpoint(\.\d+\.\d+)?\.parquet|checkpoint\.[^.]+\.(json|parquet))$")
+
+
 def _link(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -534,7 +546,7 @@ class Lake:
         """The Delta table, brought up to its latest version (opened once per ``Lake``: a run
         holds the lake alone, and catching up with new commits only lists the log)."""
         path = self.delta_dir(table)
-        if not (path / "_delta_log").is_dir():
+        if not _has_commit(path / "_delta_log"):
             self._tables.pop(table, None)
             return None
         dt_ = self._tables.get(table)
@@ -695,9 +707,18 @@ class Lake:
     def remove_orphans(self, table: str) -> list[str]:
         """Delete the data files in the Delta table's folder that no commit references: those a
         run that died wrote or linked there before it could commit them. Files that a commit
-        removed stay for vacuum (older versions still read them). Returns their paths."""
+        removed stay for vacuum (older versions still read them). Returns their paths.
+
+        A folder whose log holds no commit at all (a run killed while creating the table) is no
+        table yet: it and whatever was linked into it are removed, and the next publish creates
+        the table afresh. Nothing was mirrored to the Parquet dataset before that first commit."""
         dt_ = self.delta_table(table)
         if dt_ is None:
+            root = self.delta_dir(table)
+            if root.is_dir():
+                orphans = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+                shutil.rmtree(root)
+                return orphans
             return []
         unreferenced = dt_.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False, full=True)
         log = self.delta_dir(table) / "_delta_log"

@@ -103,6 +103,24 @@ def test_killed_during_the_returns_merge(incremental_bench: Bench, name: str) ->
     incremental_bench.kill_and_check(first(incremental_bench, name))
 
 
+@pytest.mark.parametrize("leftover", ["empty-log", "temporary-commit"])
+def test_killed_while_creating_a_delta_table(fresh_bench: Bench, leftover: str) -> None:
+    """A run killed inside the first commit of a table leaves a ``_delta_log`` with no commit
+    (empty, or with delta-rs's temporary commit file) and files linked beside it: the next run
+    treats the folder as no table, removes it and creates the table afresh."""
+    lake = fresh_bench.fresh()
+    done = kill_at(lake.cli(), first(fresh_bench, "delta.linked"))
+    assert done.returncode == KILLED
+    tables = [d for d in (lake.lake / "bronze" / "delta").iterdir() if (d / "_delta_log").is_dir()]
+    assert tables
+    for table in tables:
+        for commit in (table / "_delta_log").iterdir():
+            commit.unlink()
+        if leftover == "temporary-commit":
+            (table / "_delta_log" / "_commit_0123456789abcdef.json.tmp").write_text('{"commitInfo":{}}\n')
+    fresh_bench.check(lake)
+
+
 # ------------------------------------------------------------------------------------------
 # The slow tier: many kill points over the whole run, random timings, compaction, Dagster
 # ------------------------------------------------------------------------------------------
