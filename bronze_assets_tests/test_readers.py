@@ -187,4 +187,22 @@ def test_parquet_batches_are_sized_by_bytes(tmp_path: Path, monkeypatch: pytest.
         sizes[path.stem] = max(b.num_rows for b in batches)
     assert sizes["narrow"] == n  # 160 KB of values: one batch
     # 1,600 bytes a row: under a thousand rows would make 1 MB; the floor is 1,024.
-    assert sizes["wide"] == readers.parquet_batch_rows(pq.ParquetFile(wide).metadata) == readers.PARQUET_BATCH_ROWS[0]
+    assert sizes["wide"] == readers.PARQUET_BATCH_ROWS[0]
+
+
+def test_parquet_batches_account_for_decoded_dictionaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A column of one long value repeated is a few bytes in the footer (dictionary encoded)
+    and its full length per row once read: batches are sized by the decoded rows."""
+    import pyarrow.parquet as pq
+
+    from bronze_assets import readers
+
+    monkeypatch.setattr(readers, "PARQUET_BATCH_BYTES", 4 << 20)
+    path = tmp_path / "repeated.parquet"
+    n = 50_000
+    pq.write_table(pa.table({"k": list(range(n)), "text": ["x" * 2_000] * n}), path)
+    meta = pq.ParquetFile(path).metadata
+    assert readers.parquet_batch_rows(meta) > 10_000  # the footer alone says narrow rows
+    batches = list(readers.read_parquet(_source(path, "parquet")).batches)
+    assert max(b.num_rows for b in batches) <= 2_100  # 4 MB of 2 KB rows
+    assert sum(b.num_rows for b in batches) == n
