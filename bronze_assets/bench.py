@@ -297,24 +297,17 @@ def run_cases(sizes: Sizes, work: Path, cases: set[str] | None) -> list[Config]:
         paired(configs, sizes.repeat, work)
         results += [c for c, _ in configs]
 
-    if want("events"):
-        raw = generate(data / f"events-{sizes.events}", rows=sizes.events, tables="events")
-        jsonl = next((raw / "events").glob("*.jsonl"))
-        mb, case = size_mb(raw), f"events_{sizes.events}"
+    # One file of a table against DuckDB's bare read of it into partitioned Parquet.
+    bare_cases = (("events", sizes.events, "*.jsonl", duck_events), ("sensors", sizes.sensors, "*.parquet", duck_sensors))
+    for table, rows, pattern, bare in bare_cases:
+        if not want(table):
+            continue
+        raw = generate(data / f"{table}-{rows}", rows=rows, tables=table)
+        source = next((raw / table).glob(pattern))
+        mb, case = size_mb(raw), f"{table}_{rows}"
         configs = [
-            (Config(case, "bronze", mb, sizes.events), lambda out, raw=raw: project(raw, out)),
-            (Config(case, "duckdb_bare", mb, sizes.events), lambda out, f=jsonl: duck_events(f, out)),
-        ]
-        paired(configs, sizes.repeat, work)
-        results += [c for c, _ in configs]
-
-    if want("sensors"):
-        raw = generate(data / f"sensors-{sizes.sensors}", rows=sizes.sensors, tables="sensors")
-        parquet = next((raw / "sensors").glob("*.parquet"))
-        mb, case = size_mb(raw), f"sensors_{sizes.sensors}"
-        configs = [
-            (Config(case, "bronze", mb, sizes.sensors), lambda out, raw=raw: project(raw, out)),
-            (Config(case, "duckdb_bare", mb, sizes.sensors), lambda out, f=parquet: duck_sensors(f, out)),
+            (Config(case, "bronze", mb, rows), lambda out, raw=raw: project(raw, out)),
+            (Config(case, "duckdb_bare", mb, rows), lambda out, f=source, bare=bare: bare(f, out)),
         ]
         paired(configs, sizes.repeat, work)
         results += [c for c, _ in configs]

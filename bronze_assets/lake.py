@@ -546,14 +546,14 @@ class Lake:
         """The Delta table, brought up to its latest version (opened once per ``Lake``: a run
         holds the lake alone, and catching up with new commits only lists the log)."""
         path = self.delta_dir(table)
+        dt_ = self._tables.get(table)
+        if dt_ is not None and (path / "_delta_log").is_dir():
+            dt_.update_incremental()
+            return dt_
         if not _has_commit(path / "_delta_log"):
             self._tables.pop(table, None)
             return None
-        dt_ = self._tables.get(table)
-        if dt_ is None:
-            dt_ = self._tables[table] = DeltaTable(str(path))
-        else:
-            dt_.update_incremental()
+        dt_ = self._tables[table] = DeltaTable(str(path))
         return dt_
 
     def ensure_delta(self, table: str, schema: pa.Schema, partition_by: tuple[str, ...]) -> DeltaTable:

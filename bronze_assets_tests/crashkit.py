@@ -28,6 +28,7 @@ import pyarrow.dataset as pads
 from deltalake import DeltaTable, write_deltalake
 
 from bronze_assets.ingest import Settings, run
+from bronze_assets_tests.dagster_helpers import Paths
 from schemas.schemas import TABLES, TABLES_BY_NAME
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,20 +37,8 @@ UTC = dt.UTC
 
 
 @dataclass(frozen=True)
-class Lake:
-    root: Path
-
-    @property
-    def raw(self) -> Path:
-        return self.root / "raw"
-
-    @property
-    def lake(self) -> Path:
-        return self.root / "lake"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "duckdb" / "warehouse.duckdb"
+class Lake(Paths):
+    """A raw folder, lake and manifest (the layout of ``Paths``), run in process or by the CLI."""
 
     def settings(self, **overrides: Any) -> Settings:
         return Settings(raw=self.raw, lake=self.lake, manifest=self.manifest, **overrides)

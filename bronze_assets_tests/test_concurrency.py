@@ -146,39 +146,16 @@ def test_a_killed_run_is_finished_by_the_next_one(tmp_path, reference, after_lin
 def test_a_command_line_run_during_a_dagster_run(tmp_path):
     """A ``dagster asset materialize`` of every orders source and a ``load-to-bronze`` on the same
     lake at the same time: neither fails on a lock, and the lake holds one clean run's data."""
-    import shutil
     import time
 
-    from bronze_assets_tests.dagster_helpers import (
-        SAMPLE,
-        Paths,
-        content,
-        executable,
-        explain,
-        load_to_bronze,
-        make_dagster_home,
-        rows_by_source,
-    )
-    from bronze_assets_tests.dagster_helpers import environment as dagster_environment
-    from bronze_assets_tests.dagster_helpers import run as run_cmd
-    from bronze_assets_tests.test_dagster_cli import registered, selection
+    from bronze_assets_tests.dagster_helpers import content, explain, load_to_bronze, rows_by_source
+    from bronze_assets_tests.test_dagster_cli import registered_orders
 
-    dagster = executable("dagster")
-    home = make_dagster_home(tmp_path / "home")
-    paths, reference = Paths(tmp_path / "shared"), Paths(tmp_path / "reference")
-    for p in (paths, reference):
-        (p.raw / "orders").mkdir(parents=True)
-        for f in (SAMPLE / "orders").iterdir():
-            shutil.copy2(f, p.raw / "orders" / f.name)
-    env = dagster_environment(paths, home)
-    reg = run_cmd([dagster, "job", "execute", "-m", "bronze_assets.definitions", "-j", "register_raw_sources_job"], env=env)
-    assert reg.returncode == 0, explain(reg)
-    keys = registered(home, "orders")
+    setup = registered_orders(tmp_path, "shared")
+    paths, reference = setup.paths, setup.reference
     dagster_run = subprocess.Popen(
-        [dagster, "asset", "materialize", "-m", "bronze_assets.definitions", "--select", selection("orders"),
-         "--partition-range", f"{keys[0]}...{keys[-1]}"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        setup.materialize, cwd=REPO_ROOT, env=setup.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(3)  # the Dagster run is starting up or ingesting
     cli = load_to_bronze(paths)
     _, err = dagster_run.communicate(timeout=180)

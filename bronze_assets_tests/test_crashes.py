@@ -135,19 +135,13 @@ def spread(steps: list[str], n: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_many_kill_points_over_a_fresh_run(fresh_bench: Bench) -> None:
-    points = spread(fresh_bench.steps, 8)
+@pytest.mark.parametrize("run_kind", ["fresh", "incremental"])
+def test_many_kill_points_over_a_run(request: pytest.FixtureRequest, run_kind: str) -> None:
+    bench: Bench = request.getfixturevalue(f"{run_kind}_bench")
+    points = spread(bench.steps, 8)
     for step in points:
-        fresh_bench.kill_and_check(step)
-    print(f"\nfresh: {len(points)} kill points of {len(fresh_bench.steps)} steps survived")
-
-
-@pytest.mark.slow
-def test_many_kill_points_over_an_incremental_run(incremental_bench: Bench) -> None:
-    points = spread(incremental_bench.steps, 8)
-    for step in points:
-        incremental_bench.kill_and_check(step)
-    print(f"\nincremental: {len(points)} kill points of {len(incremental_bench.steps)} steps survived")
+        bench.kill_and_check(step)
+    print(f"\n{run_kind}: {len(points)} kill points of {len(bench.steps)} steps survived")
 
 
 @pytest.mark.slow
@@ -204,35 +198,13 @@ def test_killed_compaction_loses_nothing(tmp_path: Path) -> None:
 def test_killed_dagster_run_is_finished_by_the_next_one(tmp_path: Path) -> None:
     """A ``dagster asset materialize`` over every orders source, its step process killed inside
     the Delta commit; materializing again leaves what one clean command-line run leaves."""
-    import shutil
-
-    from bronze_assets_tests.dagster_helpers import (
-        SAMPLE,
-        Paths,
-        content,
-        executable,
-        explain,
-        make_dagster_home,
-        manifest,
-        rows_by_source,
-    )
+    from bronze_assets_tests.dagster_helpers import content, explain, manifest, rows_by_source
     from bronze_assets_tests.dagster_helpers import environment as dagster_environment
     from bronze_assets_tests.dagster_helpers import run as run_cmd
-    from bronze_assets_tests.test_dagster_cli import registered, selection
+    from bronze_assets_tests.test_dagster_cli import registered_orders
 
-    dagster = executable("dagster")
-    home = make_dagster_home(tmp_path / "home")
-    paths, reference = Paths(tmp_path / "dagster"), Paths(tmp_path / "reference")
-    for p in (paths, reference):
-        (p.raw / "orders").mkdir(parents=True)
-        for f in (SAMPLE / "orders").iterdir():
-            shutil.copy2(f, p.raw / "orders" / f.name)
-    env = dagster_environment(paths, home)
-    reg = run_cmd([dagster, "job", "execute", "-m", "bronze_assets.definitions", "-j", "register_raw_sources_job"], env=env)
-    assert reg.returncode == 0, explain(reg)
-    keys = registered(home, "orders")
-    materialize = [dagster, "asset", "materialize", "-m", "bronze_assets.definitions", "--select", selection("orders"),
-                   "--partition-range", f"{keys[0]}...{keys[-1]}"]  # fmt: skip
+    setup = registered_orders(tmp_path, "dagster")
+    paths, reference, env, materialize = setup.paths, setup.reference, setup.env, setup.materialize
     # The reference run goes through the same steps as the Dagster run's step process (stage
     # every source, commit, mirror, record): its step log says where the Delta commit is.
     log = tmp_path / "reference.steps"

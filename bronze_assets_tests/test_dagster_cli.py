@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -50,6 +51,36 @@ def registered(home: Path, table: str) -> list[str]:
     """The table's partition keys as the instance holds them (insertion order)."""
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         return list(instance.get_dynamic_partitions(f"{table}__sources"))
+
+
+@dataclass(frozen=True)
+class RegisteredOrders:
+    """A DAGSTER_HOME whose instance has registered the sample's orders sources, the lake the
+    Dagster runs write (``paths``), a second copy of the raw folder for a clean command-line run
+    (``reference``), and the command that materializes every orders source."""
+
+    home: Path
+    paths: Paths
+    reference: Paths
+    env: dict[str, str]
+    materialize: list[str]
+
+
+def registered_orders(tmp_path: Path, name: str) -> RegisteredOrders:
+    dagster = executable("dagster")
+    home = make_dagster_home(tmp_path / "home")
+    paths, reference = Paths(tmp_path / name), Paths(tmp_path / "reference")
+    for p in (paths, reference):
+        (p.raw / "orders").mkdir(parents=True)
+        for f in (SAMPLE / "orders").iterdir():
+            shutil.copy2(f, p.raw / "orders" / f.name)
+    env = environment(paths, home)
+    reg = run([dagster, "job", "execute", "-m", MODULE, "-j", "register_raw_sources_job"], env=env)
+    assert reg.returncode == 0, explain(reg)
+    keys = registered(home, "orders")
+    materialize = [dagster, "asset", "materialize", "-m", MODULE, "--select", selection("orders"),
+                   "--partition-range", f"{keys[0]}...{keys[-1]}"]  # fmt: skip
+    return RegisteredOrders(home, paths, reference, env, materialize)
 
 
 def test_cli_register_then_materialize_matches_load_to_bronze(tmp_path: Path) -> None:
