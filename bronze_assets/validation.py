@@ -360,7 +360,14 @@ class Validator:
         # partition's rows together, in record order (no sort of its own), and rejects stay in
         # record order. DuckDB sorts on all its threads: a fraction of the statement's time,
         # against a single-threaded copy of every column.
-        order = ["_why IS NOT NULL", *(f"CASE WHEN _why IS NULL THEN {ident(c)} END" for c in table.partition_by), "src_row_number"]
+        # The writer needs each partition's rows together, not the partitions in any order: a key
+        # of several columns or of text is sorted on as one 64-bit hash of it, which DuckDB sorts
+        # far faster (sensors, by store and month: a sixth of the statement). Two partitions whose
+        # hashes collided would interleave, and the writer would sort them itself.
+        part_key = [ident(c) for c in table.partition_by]
+        if len(part_key) > 1 or any(not _fixed_width(self.output_schema.field(c).type) for c in table.partition_by):
+            part_key = [f"hash({', '.join(part_key)})"]
+        order = ["_why IS NOT NULL", *(f"CASE WHEN _why IS NULL THEN {k} END" for k in part_key), "src_row_number"]
         self.sql_many = f"SELECT {', '.join(outer)} FROM ({sql}) ORDER BY src_filename, {', '.join(order)}"
         return f"SELECT {', '.join(outer)} FROM ({sql}) ORDER BY {', '.join(order)}"
 
@@ -554,6 +561,10 @@ class Validator:
 
 
 _ITS = pa.timestamp("us", tz="UTC")
+
+
+def _fixed_width(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_date(t) or pa.types.is_timestamp(t) or pa.types.is_boolean(t)
 
 
 def _with_source_schema(schema: pa.Schema) -> pa.Schema:

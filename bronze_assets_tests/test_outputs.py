@@ -495,3 +495,53 @@ def test_rows_keep_record_order_within_each_partition_and_rejects_keep_record_or
         numbers = [int(r["src_row_number"]) for r in csv.DictReader(fh)]
     expected = [n for n in range(1, 301) if n % 7 == 0 or n % 11 == 0]
     assert numbers == expected
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one-source", "many-sources"])
+def test_validated_rows_come_grouped_by_a_partition_key_of_several_columns(many):
+    """Sensors partition by store and month: the validating statement must hand the writer each
+    partition's rows together, in record order, and the rejects after them in record order."""
+    from bronze_assets.readers import normalize_native
+    from bronze_assets.validation import Validator, output_schema
+
+    table = TABLES_BY_NAME["sensors"]
+    n = 2_000
+    start = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "_row": pa.array(range(1, n + 1), pa.int64()),
+            "_raw": pa.array([None] * n, pa.string()),
+            "_bad": pa.array([None] * n, pa.string()),
+            "store_id": pa.array([i % 5 for i in range(n)], pa.int32()),
+            "sensor_id": [f"s{i % 3}" for i in range(n)],
+            "reading_ts": pa.array([start + dt.timedelta(days=(i * 7) % 150) for i in range(n)], pa.timestamp("us", tz="UTC")),
+            "temperature_c": [20.0] * n,
+            "humidity_pct": [150.0 if i % 97 == 0 else 40.0 for i in range(n)],  # CONSTRAINT_VIOLATION
+            "co2_ppm": pa.array([400] * n, pa.int32()),
+            "battery_v": [3.1] * n,
+        }
+    )
+    batch = normalize_native(batch)
+    validator = Validator(table, source_schema=batch.schema, raw_kind="row", output_schema=output_schema(table))
+    its = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    try:
+        if many:
+            results = validator.run_many([([batch.slice(0, 700)], "sensors/a.parquet", its), ([batch.slice(700)], "sensors/b.parquet", its)])
+        else:
+            results = [validator.run(batch, src_filename="sensors/a.parquet", ingestion_ts=its)]
+    finally:
+        validator.close()
+    seen_rows = 0
+    for result in results:
+        valid = result.valid.to_pylist()
+        keys = [(r["store_id"], r["reading_month"]) for r in valid]
+        runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+        assert len(runs) == len(set(keys)), "a partition's rows are split"
+        for key in set(keys):
+            numbers = [r["src_row_number"] for r in valid if (r["store_id"], r["reading_month"]) == key]
+            assert numbers == sorted(numbers)
+        rejected = result.rejects.column("src_row_number").to_pylist()
+        assert rejected == sorted(rejected) and rejected
+        assert set(result.rejects.column("reason_code").to_pylist()) == {"CONSTRAINT_VIOLATION"}
+        seen_rows += len(valid) + len(rejected)
+    assert seen_rows == n
