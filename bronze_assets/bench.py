@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 ORDERS_TYPES = {
     "order_id": "BIGINT",
     "customer_id": "BIGINT",
@@ -229,7 +231,7 @@ def paired(configs: list[tuple[Config, Any]], repeat: int, work: Path) -> None:
             if config.name.startswith("bronze") and m.returncode == 1:
                 m.returncode = 0  # the project's "ingested, some records rejected"
             config.runs.append(m)
-            if config.name == "bronze":
+            if config.name in ("bronze", "bronze_many_files"):
                 config.files = file_sizes(out / "lake", config.case)
             shutil.rmtree(out, ignore_errors=True)
 
@@ -237,7 +239,7 @@ def paired(configs: list[tuple[Config, Any]], repeat: int, work: Path) -> None:
 def file_sizes(lake: Path, case: str) -> dict[str, Any] | None:
     """Files per partition and their sizes in the Parquet output, after ingestion and after the
     maintenance job's compaction."""
-    table = {"orders": "orders", "events": "events", "sensors": "sensors", "small": "orders"}.get(case.split("_")[0])
+    table = {"orders": "orders", "events": "events", "sensors": "sensors", "small": "orders", "scale": "orders"}.get(case.split("_")[0])
     if table is None:
         return None
     from bronze_assets.compaction import maintain
@@ -247,8 +249,13 @@ def file_sizes(lake: Path, case: str) -> dict[str, Any] | None:
     def shape() -> dict[str, Any]:
         root = lake / "bronze" / "parquet" / table
         per: dict[str, list[int]] = {}
+        groups: list[int] = []  # row groups per file
+        group_rows: list[int] = []  # rows per row group
         for f in root.rglob("*.parquet"):
             per.setdefault(f.parent.relative_to(root).as_posix(), []).append(f.stat().st_size)
+            meta = pq.read_metadata(f)
+            groups.append(meta.num_row_groups)
+            group_rows += [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         sizes = sorted(s for v in per.values() for s in v)
         counts = sorted(len(v) for v in per.values())
         if not sizes:
@@ -260,6 +267,8 @@ def file_sizes(lake: Path, case: str) -> dict[str, Any] | None:
             "file_mb_min": round(sizes[0] / 1e6, 3),
             "file_mb_median": round(statistics.median(sizes) / 1e6, 3),
             "file_mb_max": round(sizes[-1] / 1e6, 3),
+            "row_groups_per_file_max": max(groups),
+            "rows_per_row_group_median": int(statistics.median(group_rows)) if group_rows else 0,
         }
 
     after_ingest = shape()
@@ -435,6 +444,22 @@ def table_text(results: list[Config], rel: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def files_text(results: list[Config]) -> str:
+    """The Parquet output's file shape per case, after ingestion and after compaction (last round)."""
+    head = (f"{'case':<28} {'when':<11} {'parts':>6} {'files':>6} {'per part':>8} {'MB min':>7} {'MB med':>7} "
+            f"{'MB max':>7} {'rg/file':>7} {'rows/rg':>8}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+    for c in results:
+        for when, shape in (c.files or {}).items():
+            if shape:
+                lines.append(
+                    f"{c.case:<28} {when.removeprefix('after_'):<11} {shape['partitions']:>6} {shape['files']:>6} "
+                    f"{shape['files_per_partition_max']:>8} {shape['file_mb_min']:>7.2f} {shape['file_mb_median']:>7.2f} "
+                    f"{shape['file_mb_max']:>7.2f} {shape['row_groups_per_file_max']:>7} {shape['rows_per_row_group_median']:>8}"
+                )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bronze_assets.bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, one round (what the tests run)")
@@ -456,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks = targets(results, rel)
     text = table_text(results, rel)
     print(text)
+    shapes = files_text(results)
+    print(shapes)
     for t in checks:
         print(f"{'met ' if t['met'] else 'MISS'} {t['target']}: {t['measured']} (limit {t['limit']})")
     report = {
@@ -467,6 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios": rel,
         "targets": checks,
         "table": text,
+        "files_table": shapes,
     }
     name = "quick.json" if args.quick else f"bench-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}.json"
     (bench_dir / name).write_text(json.dumps(report, indent=2, default=str))

@@ -27,5 +27,8 @@ def test_quick_benchmark_runs_every_case_and_writes_its_report(tmp_path: Path) -
     assert report["ratios"]["orders_20000"]["bronze"] > 0
     orders = next(r for r in report["results"] if r["case"] == "orders_20000" and r["name"] == "bronze")
     assert orders["files"]["after_ingestion"]["files"] >= orders["files"]["after_compaction"]["files"] > 0
+    shape = orders["files"]["after_ingestion"]
+    assert shape["row_groups_per_file_max"] >= 1
+    assert 0 < shape["rows_per_row_group_median"] <= 20_000
     assert {t["target"].split(":")[0] for t in report["targets"]} >= {"orders_20000", "small_files_50x200"}
     assert "duckdb_bare" in report["table"]
