@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 
 TARGET_FILE_BYTES = 128 << 20
 ROW_GROUP_ROWS = 262_144
-BUFFER_BYTES = 256 << 20
+BUFFER_BYTES = 128 << 20
+SPILL_DIR = "_spill"  # inside a writer's directory: rows set aside on disk until their row group fills
 MAX_OPEN_FILES = 4096  # Parquet files a writer keeps open at once (one per partition being written)
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 STRING_STAT_CHARS = 32
@@ -118,6 +119,10 @@ class _Open:
     pending_rows: int = 0
     pending_bytes: int = 0
     rows: int = 0
+    spill: pa.ipc.RecordBatchStreamWriter | None = None
+    spill_sink: pa.NativeFile | None = None
+    spill_path: Path | None = None
+    spilled_rows: int = 0
 
 
 UNIQUE_PER_ROW = ("src_row_number", "src_row_hash")
@@ -126,9 +131,15 @@ UNIQUE_PER_ROW = ("src_row_number", "src_row_hash")
 class PartitionedWriter:
     """Write a stream of tables as hive-partitioned Parquet files under ``directory``.
 
-    Memory is bounded: rows wait per partition only until a row group is full or the buffers of
-    all partitions together pass ``buffer_bytes``; files roll over at ``target_file_bytes``.
-    Partition columns are not stored in the files (only in the folder names).
+    Memory is bounded: rows wait in memory per partition until a row group is full or the
+    buffers of all partitions together pass ``buffer_bytes``. Then every partition's waiting rows
+    are set aside on disk (``_spill/``, Arrow IPC: a copy, no encoding) and freed, and a
+    partition's row group is written once its rows in memory and on disk fill one, or at close.
+    A source spread thinly over hundreds of partitions thus gets row groups as large as its
+    partitions (not a sliver per buffer's worth), and memory does not grow with the source:
+    neither the buffer nor the Parquet footers, which a writer keeps until it closes a file and
+    which grow with every row group. Files roll over at ``target_file_bytes``. Partition columns
+    are not stored in the files (only in the folder names).
     """
 
     def __init__(
@@ -173,9 +184,9 @@ class PartitionedWriter:
             for values, part in self._split(table):
                 self._append(tuple(values.values()), values, part.select(self.file_schema.names))
         if self._buffered > self.buffer_bytes:
-            # Flush every partition, not just the largest: the pending slices share the buffers of
-            # the batches they came from, which stay alive until the last slice is written.
-            _in_parallel(self._flush, list(self._open))
+            # Every partition, not just the largest: the pending slices share the buffers of the
+            # batches they came from, which stay alive until the last slice is released.
+            _in_parallel(self._spill, list(self._open))
 
     def _split(self, table: pa.Table) -> Iterable[tuple[dict[str, object], pa.Table]]:
         bounds = self._runs(table)
@@ -212,17 +223,55 @@ class PartitionedWriter:
         state.pending_rows += part.num_rows
         state.pending_bytes += part.nbytes
         self._buffered += part.nbytes
-        if state.pending_rows >= self.row_group_rows:
+        if state.pending_rows + state.spilled_rows >= self.row_group_rows:
             self._flush(key)
 
-    def _flush(self, key: tuple[object, ...]) -> None:
-        state = self._open[key]
-        if not state.pending:
-            return
-        data = pa.concat_tables(state.pending)  # the writer takes the chunks as they are: no copy
+    def _take_pending(self, state: _Open) -> pa.Table:
+        data = pa.concat_tables(state.pending)  # the chunks as they are: no copy
         with self._lock:
             self._buffered -= state.pending_bytes
         state.pending, state.pending_rows, state.pending_bytes = [], 0, 0
+        return data
+
+    def _spill(self, key: tuple[object, ...]) -> None:
+        """Set a partition's waiting rows aside on disk, releasing the batches they came from."""
+        state = self._open[key]
+        if not state.pending:
+            return
+        data = self._take_pending(state)
+        if state.spill is None:
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
+            folder = self.directory / SPILL_DIR
+            folder.mkdir(parents=True, exist_ok=True)
+            state.spill_path = folder / f"{seq:05d}.arrow"
+            state.spill_sink = pa.OSFile(str(state.spill_path), "wb")
+            state.spill = pa.ipc.new_stream(state.spill_sink, self.file_schema)
+        state.spill.write_table(data)
+        state.spilled_rows += data.num_rows
+
+    def _unspill(self, state: _Open) -> pa.Table | None:
+        """The rows a partition set aside, read back (memory-mapped, not copied)."""
+        if state.spill is None:
+            return None
+        assert state.spill_sink is not None and state.spill_path is not None
+        state.spill.close()
+        state.spill_sink.close()
+        data = pa.ipc.open_stream(pa.memory_map(str(state.spill_path))).read_all()
+        state.spill, state.spill_sink = None, None
+        state.spilled_rows = 0
+        return data
+
+    def _flush(self, key: tuple[object, ...]) -> None:
+        state = self._open[key]
+        if not state.pending and state.spill is None:
+            return
+        spilled = self._unspill(state)
+        data = self._take_pending(state) if state.pending else None
+        if spilled is not None:
+            data = spilled if data is None else pa.concat_tables([spilled, data])
+        assert data is not None
         if state.writer is None:
             with self._lock:
                 self._seq += 1
@@ -240,6 +289,9 @@ class PartitionedWriter:
         assert state.writer is not None and state.sink is not None
         state.writer.write_table(data, row_group_size=max(self.row_group_rows, data.num_rows))
         state.rows += data.num_rows
+        if spilled is not None:
+            del data, spilled  # the file is mapped until its buffers go
+            self._drop_spill(state)
         if state.sink.tell() >= self.target_file_bytes:
             self._finish(state)
 
@@ -265,11 +317,17 @@ class PartitionedWriter:
         self._flush(key)
         self._finish(self._open.pop(key))
 
+    def _drop_spill(self, state: _Open) -> None:
+        if state.spill_path is not None:
+            state.spill_path.unlink(missing_ok=True)
+            state.spill_path = None
+
     def close(self) -> list[WrittenFile]:
         keys = list(self._open)
         _in_parallel(self._flush, keys)
         for key in keys:
             self._finish(self._open.pop(key))
+        shutil.rmtree(self.directory / SPILL_DIR, ignore_errors=True)
         self.files.sort(key=lambda f: f.relpath)
         return self.files
 
@@ -279,7 +337,12 @@ class PartitionedWriter:
                 state.writer.close()
             if state.sink is not None:
                 state.sink.close()
+            if state.spill is not None:
+                state.spill.close()
+            if state.spill_sink is not None:
+                state.spill_sink.close()
         self._open.clear()
+        shutil.rmtree(self.directory / SPILL_DIR, ignore_errors=True)
 
 
 WRITER_THREADS = 2

@@ -545,3 +545,64 @@ def test_validated_rows_come_grouped_by_a_partition_key_of_several_columns(many)
         assert set(result.rejects.column("reason_code").to_pylist()) == {"CONSTRAINT_VIOLATION"}
         seen_rows += len(valid) + len(rejected)
     assert seen_rows == n
+
+
+def _spilling_writer(tmp_path, **kw):
+    from bronze_assets.lake import PartitionedWriter
+
+    schema = pa.schema([("k", pa.int64()), ("name", pa.string()), ("day", pa.date32())])
+    return schema, PartitionedWriter(tmp_path / "out", schema, partition_by=("day",), prefix="t", buffer_bytes=1, **kw)
+
+
+def _feed(writer, schema, n: int, *, step: int = 50) -> list[dt.date]:
+    days = [dt.date(2024, 1, 1 + i % 4) for i in range(n)]  # every batch touches every partition
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        writer.write(
+            pa.table({"k": list(range(start, stop)), "name": [f"n{i}" for i in range(start, stop)], "day": days[start:stop]}, schema=schema)
+        )
+    return days
+
+
+def test_rows_set_aside_on_disk_make_one_row_group_per_partition_in_record_order(tmp_path):
+    """Past its buffer the writer sets each partition's rows aside on disk instead of writing a
+    sliver of a row group per partition: a partition smaller than a row group still gets one."""
+    schema, writer = _spilling_writer(tmp_path)
+    n = 2_000
+    days = _feed(writer, schema, n)
+    assert (tmp_path / "out" / "_spill").is_dir()  # it did set rows aside
+    files = writer.close()
+    assert not (tmp_path / "out" / "_spill").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"day=2024-01-0{d}" for d in range(1, 5)]
+    assert len(files) == 4 and sum(f.rows for f in files) == n
+    for f in files:
+        pf = pq.ParquetFile(tmp_path / "out" / f.relpath)
+        assert pf.metadata.num_row_groups == 1
+        day = dt.date.fromisoformat(f.partition_values["day"])
+        want = [i for i in range(n) if days[i] == day]
+        got = pf.read()
+        assert got.column("k").to_pylist() == want
+        assert got.column("name").to_pylist() == [f"n{i}" for i in want]
+        assert json.loads(f.stats)["numRecords"] == len(want)
+
+
+def test_rows_set_aside_on_disk_are_written_once_a_row_group_fills(tmp_path):
+    schema, writer = _spilling_writer(tmp_path, row_group_rows=120)
+    n = 2_000
+    days = _feed(writer, schema, n, step=30)
+    files = writer.close()
+    assert sum(f.rows for f in files) == n
+    for f in files:
+        pf = pq.ParquetFile(tmp_path / "out" / f.relpath)
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+        assert len(sizes) > 1 and all(s >= 120 for s in sizes[:-1]), sizes
+        day = dt.date.fromisoformat(f.partition_values["day"])
+        assert pf.read().column("k").to_pylist() == [i for i in range(n) if days[i] == day]
+
+
+def test_an_aborted_writer_leaves_no_rows_set_aside(tmp_path):
+    schema, writer = _spilling_writer(tmp_path)
+    _feed(writer, schema, 500)
+    assert any((tmp_path / "out" / "_spill").iterdir())
+    writer.abort()
+    assert not (tmp_path / "out" / "_spill").exists()
