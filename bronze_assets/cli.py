@@ -11,6 +11,7 @@ from typing import NoReturn, TextIO
 
 from bronze_assets.errors import BadArgument, BronzeError
 from bronze_assets.ingest import RunResult, Settings, print_progress, run
+from bronze_assets.lake import writer_buffer_bytes
 from bronze_assets.validation import REASONS
 
 
@@ -43,6 +44,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise BadArgument("--target-file-mb must be between 1 and 1024", argument="--target-file-mb")
     if args.min_file_age < 0:
         raise BadArgument("--min-file-age must not be negative", argument="--min-file-age")
+    try:
+        writer_buffer_bytes()
+    except ValueError as exc:
+        raise BadArgument(str(exc), argument="BRONZE_WRITER_BUFFER_MB") from None
     tables = tuple(t.strip() for t in args.tables.split(",") if t.strip()) if args.tables else None
     lake = str(args.lake)
     if "://" in lake and not lake.startswith("file://"):

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 TARGET_FILE_BYTES = 128 << 20
 ROW_GROUP_ROWS = 262_144
-BUFFER_BYTES = 128 << 20
+BUFFER_BYTES = 128 << 20  # BRONZE_WRITER_BUFFER_MB overrides it (see writer_buffer_bytes)
 SPILL_DIR = "_spill"  # inside a writer's directory: rows set aside on disk until their row group fills
 MAX_OPEN_FILES = 4096  # Parquet files a writer keeps open at once (one per partition being written)
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
@@ -151,7 +151,7 @@ class PartitionedWriter:
         prefix: str,
         target_file_bytes: int = TARGET_FILE_BYTES,
         row_group_rows: int = ROW_GROUP_ROWS,
-        buffer_bytes: int = BUFFER_BYTES,
+        buffer_bytes: int | None = None,
     ) -> None:
         self.directory = directory
         self.schema = schema
@@ -166,7 +166,7 @@ class PartitionedWriter:
         self.prefix = prefix
         self.target_file_bytes = target_file_bytes
         self.row_group_rows = row_group_rows
-        self.buffer_bytes = buffer_bytes
+        self.buffer_bytes = writer_buffer_bytes() if buffer_bytes is None else buffer_bytes
         self._open: dict[tuple[object, ...], _Open] = {}
         self._buffered = 0
         self._seq = 0
@@ -187,6 +187,7 @@ class PartitionedWriter:
             # Every partition, not just the largest: the pending slices share the buffers of the
             # batches they came from, which stay alive until the last slice is released.
             _in_parallel(self._spill, list(self._open))
+            step("writer.spilled")
 
     def _split(self, table: pa.Table) -> Iterable[tuple[dict[str, object], pa.Table]]:
         bounds = self._runs(table)
@@ -346,6 +347,22 @@ class PartitionedWriter:
 
 
 WRITER_THREADS = 2
+
+
+def writer_buffer_bytes() -> int:
+    """The rows a writer holds in memory before setting them aside on disk: BUFFER_BYTES, or
+    ``BRONZE_WRITER_BUFFER_MB`` from the environment (a memory budget for small machines, or a
+    larger one for fewer disk writes)."""
+    value = os.environ.get("BRONZE_WRITER_BUFFER_MB", "").strip()
+    if not value:
+        return BUFFER_BYTES
+    try:
+        mb = float(value)
+    except ValueError:
+        raise ValueError(f"BRONZE_WRITER_BUFFER_MB must be a number of megabytes, not {value!r}") from None
+    if not 0 < mb <= 1 << 20:
+        raise ValueError(f"BRONZE_WRITER_BUFFER_MB must be above 0, not {value!r}")
+    return max(1, int(mb * (1 << 20)))
 
 
 def open_file_budget() -> int:

@@ -95,6 +95,17 @@ def test_bad_arguments_exit_2_with_one_line_on_stderr(env, case, args):
     assert not (env.lake / "bronze").exists()
 
 
+@pytest.mark.parametrize("value", ["lots", "0", "-5"])
+def test_a_bad_writer_buffer_setting_is_a_bad_argument(env, value):
+    write(env.raw / "orders/orders_a.csv", orders_csv(range(1, 3)))
+    base = ["--raw", str(env.raw), "--lake", str(env.lake), "--manifest", str(env.manifest), "--quiet"]
+    proc = cli(base, cwd=env.root, extra_env={"BRONZE_WRITER_BUFFER_MB": value})
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "BRONZE_WRITER_BUFFER_MB" in line and repr(value) in line
+    assert not env.lake.exists() and not env.manifest.exists()
+
+
 def test_bad_argument_messages_name_the_offender(env, capsys):
     cases = {
         "nonsense": ["--tables", "nonsense"],

@@ -164,6 +164,27 @@ COMPACT = (
 )
 
 
+def _thinly_partitioned_orders(raw: Path) -> None:
+    from bronze_assets import sample
+
+    sample.main(["--out", str(raw), "--rows", "260000", "--tables", "orders", "--bad-fraction", "0.01"])
+
+
+@pytest.mark.slow
+def test_killed_while_rows_are_set_aside_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a writer buffer of 1 MB, 260,000 orders over 365 days are set aside on disk more than
+    once before their row groups are written: a kill just after the first and the last time is
+    finished by the next run, which leaves what one clean run leaves (and no rows set aside)."""
+    monkeypatch.setenv("BRONZE_WRITER_BUFFER_MB", "1")
+    bench = Bench(tmp_path, Scenario("spill", None, _thinly_partitioned_orders))
+    spills = [i for i, s in enumerate(bench.steps, start=1) if s == "writer.spilled"]
+    assert len(spills) >= 2, sorted(set(bench.steps))
+    for step in (spills[0], spills[-1]):
+        bench.kill_and_check(step)
+    for done in [Lake(tmp_path / "reference"), *(Lake(t) for t in tmp_path.glob("trial-*"))]:
+        assert not list(done.root.rglob("_spill")) and not (done.lake / "_staging").exists(), done.root
+
+
 @pytest.mark.slow
 def test_killed_compaction_loses_nothing(tmp_path: Path) -> None:
     """Compaction (coalescing, rewriting, vacuum) killed at each of its steps: the rows stay, and
