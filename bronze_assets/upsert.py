@@ -116,7 +116,9 @@ def merge_winners(
             # all inserts. They are streamed into Parquet files of this project's and committed
             # with the same application transaction: one write, where a MERGE and its rewrite
             # would cost two and hold the whole load in memory.
-            con.register("history", _dataset(history_files, schema))
+            # A bounded stream, not the dataset: DuckDB's scan of a pyarrow dataset reads many
+            # batches of several files ahead (5M returns: 2.3 GB peak against 1.4 GB this way).
+            con.register("history", _scan(_dataset(history_files, schema), None))
             winners = con.sql(f"SELECT * FROM history QUALIFY {_latest(table)} = 1").to_arrow_reader(BATCH_ROWS)
             return _insert(lake, table, bronze, schema, (_conform(b, schema) for b in winners), props, tmp)
         changes = _changes(con, table, schema, key, [str(p) for p in touched], history_files, bronze_files)
@@ -266,7 +268,7 @@ def _latest(table: Table) -> str:
     return f"row_number() OVER (PARTITION BY {keys} ORDER BY {order})"
 
 
-def _scan(dataset: pads.Dataset, flt: pads.Expression) -> pa.RecordBatchReader:
+def _scan(dataset: pads.Dataset, flt: pads.Expression | None) -> pa.RecordBatchReader:
     return dataset.scanner(filter=flt, batch_size=65_536, batch_readahead=2, fragment_readahead=1).to_reader()
 
 
