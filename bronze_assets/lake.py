@@ -119,7 +119,7 @@ class _Open:
     pending_rows: int = 0
     pending_bytes: int = 0
     rows: int = 0
-    spill: pa.ipc.RecordBatchStreamWriter | None = None
+    spill: pa.ipc.RecordBatchStreamWriter | None = None  # with its file and path, while rows are set aside
     spill_sink: pa.NativeFile | None = None
     spill_path: Path | None = None
     spilled_rows: int = 0
@@ -253,15 +253,16 @@ class PartitionedWriter:
         state.spilled_rows += data.num_rows
 
     def _unspill(self, state: _Open) -> pa.Table | None:
-        """The rows a partition set aside, read back (memory-mapped, not copied)."""
+        """The rows a partition set aside, read back memory-mapped (not copied). The file is
+        unlinked at once: its pages stay readable while the mapping lives."""
         if state.spill is None:
             return None
         assert state.spill_sink is not None and state.spill_path is not None
         state.spill.close()
         state.spill_sink.close()
         data = pa.ipc.open_stream(pa.memory_map(str(state.spill_path))).read_all()
-        state.spill, state.spill_sink = None, None
-        state.spilled_rows = 0
+        state.spill_path.unlink()
+        state.spill, state.spill_sink, state.spill_path, state.spilled_rows = None, None, None, 0
         return data
 
     def _flush(self, key: tuple[object, ...]) -> None:
@@ -269,10 +270,10 @@ class PartitionedWriter:
         if not state.pending and state.spill is None:
             return
         spilled = self._unspill(state)
-        data = self._take_pending(state) if state.pending else None
-        if spilled is not None:
-            data = spilled if data is None else pa.concat_tables([spilled, data])
-        assert data is not None
+        parts = [] if spilled is None else [spilled]
+        if state.pending:
+            parts.append(self._take_pending(state))
+        data = pa.concat_tables(parts)  # the chunks as they are: no copy
         if state.writer is None:
             with self._lock:
                 self._seq += 1
@@ -290,9 +291,6 @@ class PartitionedWriter:
         assert state.writer is not None and state.sink is not None
         state.writer.write_table(data, row_group_size=max(self.row_group_rows, data.num_rows))
         state.rows += data.num_rows
-        if spilled is not None:
-            del data, spilled  # the file is mapped until its buffers go
-            self._drop_spill(state)
         if state.sink.tell() >= self.target_file_bytes:
             self._finish(state)
 
@@ -317,11 +315,6 @@ class PartitionedWriter:
     def _close(self, key: tuple[object, ...]) -> None:
         self._flush(key)
         self._finish(self._open.pop(key))
-
-    def _drop_spill(self, state: _Open) -> None:
-        if state.spill_path is not None:
-            state.spill_path.unlink(missing_ok=True)
-            state.spill_path = None
 
     def close(self) -> list[WrittenFile]:
         keys = list(self._open)
@@ -361,7 +354,7 @@ def writer_buffer_bytes() -> int:
     except ValueError:
         raise ValueError(f"BRONZE_WRITER_BUFFER_MB must be a number of megabytes, not {value!r}") from None
     if not 0 < mb <= 1 << 20:
-        raise ValueError(f"BRONZE_WRITER_BUFFER_MB must be above 0, not {value!r}")
+        raise ValueError(f"BRONZE_WRITER_BUFFER_MB must be above 0 and at most {1 << 20}, not {value!r}")
     return max(1, int(mb * (1 << 20)))
 
 

@@ -319,16 +319,17 @@ class Validator:
         detail_case = " ".join(f"WHEN {k} THEN {d}" for k, d in enumerate(details))
 
         out = self._output_sql()
+        # The raw text goes back out only for rejects: the rows keep just its hash.
+        raw_for_rejects = f"CASE WHEN _why IS NOT NULL THEN {raw_out} END AS _raw_out"
         outer = [
             "_why",
             f"CASE _why {detail_case} END AS _detail",
-            # The raw text goes back out only for rejects: the rows keep just its hash.
-            f"CASE WHEN _why IS NOT NULL THEN {raw_out} END AS _raw_out",
+            raw_for_rejects,
             *out,
         ]
         if json_mode:
             outer += [ident("h__" + c.name) for c in table.columns if c.required]
-        self._outer_all_raw = ", ".join(o if not o.startswith("CASE WHEN _why IS NOT NULL THEN") else f"{raw_out} AS _raw_out" for o in outer)
+        self._outer_all_raw = ", ".join(f"{raw_out} AS _raw_out" if o == raw_for_rejects else o for o in outer)
         sql = f"SELECT {', '.join(l0)} FROM src"
         if self._wide:
             # json_object() over thousands of columns, or an expression per column, costs DuckDB
@@ -358,12 +359,10 @@ class Validator:
         # then, for valid rows, partition, then record: each source's valid rows and its rejects
         # are contiguous slices of the result (no copies to split them), the writer finds each
         # partition's rows together, in record order (no sort of its own), and rejects stay in
-        # record order. DuckDB sorts on all its threads: a fraction of the statement's time,
-        # against a single-threaded copy of every column.
-        # The writer needs each partition's rows together, not the partitions in any order: a key
-        # of several columns or of text is sorted on as one 64-bit hash of it, which DuckDB sorts
-        # far faster (sensors, by store and month: a sixth of the statement). Two partitions whose
-        # hashes collided would interleave, and the writer would sort them itself.
+        # record order. DuckDB sorts on all its threads, against a single-threaded copy of every
+        # column. Partitions need to come together, not in order: a key of several columns or of
+        # text is sorted on as one 64-bit hash of it, which DuckDB sorts far faster (sensors: a
+        # sixth of the statement); should two hashes collide, the writer sorts that batch itself.
         part_key = [ident(c) for c in table.partition_by]
         if len(part_key) > 1 or any(not _fixed_width(self.output_schema.field(c).type) for c in table.partition_by):
             part_key = [f"hash({', '.join(part_key)})"]
