@@ -320,19 +320,10 @@ def _csv_chunk_to_batch(chunk: _Chunk, columns: list[str], first_row: int) -> pa
             reasons[i] = f"expected {ncols} fields, found {int(nfields[i])}"
         bad |= wrong
 
-    good = ~bad
-    values = _parse_good_records(buf, starts[good], ends[good], ncols)
+    values = _parse_records(buf, starts, ends, ~bad, ncols)
     raw = _raw_text(buf, starts, ends, bad)
     arrays: dict[str, pa.Array] = _bookkeeping(rows, raw, pa.array(reasons, pa.string()))
-    if bad.any():
-        positions = np.full(n, -1, dtype=np.int64)
-        positions[good] = np.arange(int(good.sum()))
-        take = pa.array(positions, mask=~good)
-        for name, col in zip(columns, values, strict=True):
-            arrays[name] = col.take(take)
-    else:
-        for name, col in zip(columns, values, strict=True):
-            arrays[name] = col
+    arrays.update(zip(columns, values, strict=True))
     return pa.RecordBatch.from_pydict(arrays)
 
 
@@ -359,10 +350,13 @@ def _records_holding(positions: np.ndarray, starts: np.ndarray, ends: np.ndarray
     return mask
 
 
-def _parse_good_records(buf: bytes, starts: np.ndarray, ends: np.ndarray, ncols: int) -> list[pa.Array]:
+def _parse_records(buf: bytes, starts: np.ndarray, ends: np.ndarray, good: np.ndarray, ncols: int) -> list[pa.Array]:
+    """The fields of every record, as text; a record that is not ``good`` gets nulls. The parser
+    sees each bad record as an empty one, so its output has a row per record in place (putting
+    nulls back in place after parsing only the good ones would copy every column)."""
     if starts.size == 0:
         return [pa.array([], pa.string()) for _ in range(ncols)]
-    body = _join_records(buf, starts, ends)
+    body = _join_records(buf, starts, ends, good, ncols)
     names = [f"c{i}" for i in range(ncols)]
     try:
         table = pacsv.read_csv(
@@ -376,7 +370,7 @@ def _parse_good_records(buf: bytes, starts: np.ndarray, ends: np.ndarray, ncols:
             ),
         )
         if table.num_rows == starts.size:
-            return [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in table.columns]
+            return [c.chunk(0) if c.num_chunks == 1 else c.combine_chunks() for c in table.columns]
     except pa.ArrowInvalid:
         pass
     # Safety net (never expected after the checks above): the standard library's parser.
@@ -384,16 +378,24 @@ def _parse_good_records(buf: bytes, starts: np.ndarray, ends: np.ndarray, ncols:
     return [pa.array([(r[i] if r[i] != "" else None) for r in rows], pa.string()) for i in range(ncols)]
 
 
-def _join_records(buf: bytes, starts: np.ndarray, ends: np.ndarray) -> bytes:
-    """The given records, each followed by LF; consecutive records are copied as one run."""
-    breaks = np.flatnonzero(starts[1:] > ends[:-1] + 2) + 1  # a gap other than a LF or CRLF terminator
-    seg_first = np.concatenate(([0], breaks))
-    seg_last = np.concatenate((breaks - 1, [starts.size - 1]))
+def _join_records(buf: bytes, starts: np.ndarray, ends: np.ndarray, good: np.ndarray, ncols: int) -> bytes:
+    """The records, each followed by LF, with a bad one replaced by an empty record of ``ncols``
+    null fields; consecutive good records are copied as one run."""
+    n = starts.size
+    new_run = np.ones(n, dtype=bool)
+    # A run ends at a change between good and bad, or at a gap other than a LF or CRLF terminator.
+    new_run[1:] = (good[1:] != good[:-1]) | (starts[1:] > ends[:-1] + 2)
+    firsts = np.flatnonzero(new_run)
+    lasts = np.append(firsts[1:] - 1, n - 1)
+    empty = b'""' + b"," * (ncols - 1) + b"\n"  # quoted, so that one column is not a blank line
     parts: list[bytes | memoryview] = []
     mv = memoryview(buf)
-    for first, last in zip(seg_first.tolist(), seg_last.tolist(), strict=True):
-        parts.append(mv[int(starts[first]) : int(ends[last])])
-        parts.append(b"\n")
+    for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True):
+        if good[first]:
+            parts.append(mv[int(starts[first]) : int(ends[last])])
+            parts.append(b"\n")
+        else:
+            parts.append(empty * (last - first + 1))
     return b"".join(parts)
 
 

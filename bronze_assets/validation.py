@@ -245,7 +245,10 @@ class Validator:
             paths = ", ".join(lit(f'$."{c.name}"') for c in table.columns)
             l0 += [
                 "_j",
-                "coalesce(_j IS NOT NULL AND json_type(_j) = 'OBJECT', false) AS _ok",
+                # _j is valid JSON: text that starts with "{" is an object, and text that starts with
+                # another printable character is not; only the rest (leading whitespace) is parsed.
+                "coalesce(CASE WHEN ascii(_j) = 123 THEN true WHEN ascii(_j) > 32 THEN false "
+                "ELSE json_type(_j) = 'OBJECT' END, false) AS _ok",
             ]
             l0_vals = f"CASE WHEN _ok THEN json_extract_string(_j, [{paths}]) END AS _vals"
         else:

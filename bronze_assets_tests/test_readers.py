@@ -75,6 +75,36 @@ def test_csv_malformed_records_keep_numbers_and_text(tmp_path: Path) -> None:
     assert by_row[7]["_raw"] == '8,"open\n9,9'
 
 
+
+@pytest.mark.parametrize("ncols", [1, 3])
+def test_csv_good_records_keep_their_values_between_bad_ones(tmp_path: Path, ncols: int) -> None:
+    """Runs of bad records (too many fields) between good ones, CRLF and LF terminators and blank
+    lines: every good record keeps its own values in its own row, every bad one has nulls."""
+    rng = random.Random(ncols)
+    header = ",".join(f"c{i}" for i in range(ncols))
+    lines, expected = [], []
+    for k in range(1, 3001):
+        if rng.random() < 0.3:
+            lines.append(",".join(f"b{k}" for _ in range(ncols + 1)))
+            expected.append(None)
+        else:
+            values = [f"v{k}_{i}" if rng.random() < 0.8 else "" for i in range(ncols)]
+            # (A lone empty field would be a blank line, which is no record: it is quoted.)
+            lines.append(",".join(f'"{v}"' if (v and rng.random() < 0.2) or ncols == 1 else v for v in values))
+            expected.append(values)
+    text = header + "\n" + "".join(line + rng.choice(["\n", "\r\n", "\n\n"]) for line in lines)
+    path = tmp_path / "mixed.csv"
+    path.write_text(text, encoding="utf-8")
+    for chunk_bytes in (4096, 1 << 20):
+        rows = _rows(list(read_csv(_source(path), chunk_bytes=chunk_bytes).batches))
+        assert [r["_row"] for r in rows] == list(range(1, 3001))
+        for r, want in zip(rows, expected, strict=True):
+            got = [r[f"c{i}"] for i in range(ncols)]
+            if want is None:
+                assert r["_bad"] == f"expected {ncols} fields, found {ncols + 1}" and got == [None] * ncols
+            else:
+                assert r["_bad"] is None and got == [v or None for v in want]
+
 def test_csv_header_only_and_empty_file(tmp_path: Path) -> None:
     header_only = tmp_path / "h.csv"
     header_only.write_text("a,b\n")
