@@ -9,7 +9,8 @@ process (``os.wait4``). It prints a table and writes it as JSON under ``<lake>/_
 ``--quick`` does the same at small sizes (``make bench-quick``, run by the tests).
 
 Cases: orders CSV (1% bad records) against DuckDB's typed ``read_csv`` -> ``COPY ...
-PARTITION_BY (order_dt)`` (the limit) and pyarrow's typed CSV read (the parse floor); events
+PARTITION_BY (order_dt)`` (the limit), pyarrow's typed CSV read (the parse floor), and DuckDB
+alone validating (the simplest validation, and the project's own statement); events
 JSONL and sensors Parquet against DuckDB's typed read -> partitioned Parquet of the same layout;
 1,000 small orders files against one file of the same rows; the orders case at three sizes; dlt's
 fastest path and a plain pandas script when the ``bench`` extra is installed. File sizes per
@@ -32,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 ORDERS_TYPES = {
@@ -142,6 +144,55 @@ def _duck_copy(select: str, out: Path, partition: str) -> list[str]:
 def duck_orders(csv: Path, out: Path) -> list[str]:
     columns = "{" + ", ".join(f"'{k}': '{v}'" for k, v in ORDERS_TYPES.items()) + "}"
     return _duck_copy(f"SELECT * FROM read_csv('{csv}', header=true, columns={columns}, ignore_errors=true)", out, "order_dt")
+
+
+def duck_orders_validating(csv: Path, out: Path) -> list[str]:
+    """DuckDB alone, validating the simplest way: every field read as text, a TRY_CAST to its
+    declared type, a row that fails one left out, the MD5 of the fields, a partitioned COPY. No
+    reasons, rejects, lossless checks, record numbers or second output: what validation costs at
+    the least, in DuckDB's C++ from end to end."""
+    cast = {c: f"TRY_CAST({c} AS {t})" for c, t in ORDERS_TYPES.items()}
+    fields = ", ".join(f"coalesce({c}, '')" for c in ORDERS_TYPES)
+    failed = " OR ".join(f"({c} IS NOT NULL AND {e} IS NULL)" for c, e in cast.items())
+    select = (
+        f"SELECT {', '.join(f'{e} AS {c}' for c, e in cast.items())}, md5(concat_ws(',', {fields})) AS src_row_hash, "
+        f"'orders/{csv.name}' AS src_filename FROM read_csv('{csv}', header=true, all_varchar=true, "
+        f"store_rejects=true, null_padding=true) WHERE NOT ({failed})"
+    )
+    return _duck_copy(select, out, "order_dt")
+
+
+def duck_orders_statement(csv: Path, out: Path) -> list[str]:
+    """The project's own validating statement for orders, run by DuckDB alone over its CSV
+    reader's rows (the raw text rebuilt from the fields, which is exact for a file without
+    quotes), its valid rows written by a partitioned COPY: the whole job inside DuckDB, at the
+    least. Record numbers are left out (numbering the rows of a statement makes DuckDB run it on
+    one thread), and so are the rejects and the second output."""
+    from bronze_assets.validation import Validator, output_schema
+    from schemas.schemas import TABLES_BY_NAME
+
+    table = TABLES_BY_NAME["orders"]
+    names = [c.name for c in table.columns]
+    bookkeeping = [("_row", pa.int64()), ("_raw", pa.string()), ("_bad", pa.string())]
+    validator = Validator(
+        table,
+        source_schema=pa.schema(bookkeeping + [(n, pa.string()) for n in names]),
+        raw_kind="text",
+        output_schema=output_schema(table),
+    )
+    validator.close()
+    raw = "concat_ws(',', " + ", ".join(f"coalesce({n}, '')" for n in names) + ")"
+    view = (
+        f"CREATE VIEW src AS SELECT 0::BIGINT AS _row, {raw} AS _raw, NULL::VARCHAR AS _bad, 'orders/{csv.name}' AS _src, "
+        f"now() AS _its, {', '.join(names)} FROM read_csv('{csv}', header=true, all_varchar=true, store_rejects=true)"
+    )
+    columns = ", ".join(f'"{n}"' for n in output_schema(table).names)
+    copy = (
+        f"COPY (SELECT {columns} FROM ({validator.sql.split(' ORDER BY ')[0]}) WHERE _why IS NULL) TO {str(out / 'bare')!r} "
+        "(FORMAT parquet, COMPRESSION snappy, PARTITION_BY (order_dt))"
+    )
+    code = "import duckdb, sys; con = duckdb.connect(); con.execute(\"SET TimeZone = 'UTC'\"); [con.execute(s) for s in sys.argv[1:]]"
+    return python(code, view, copy)
 
 
 def duck_events(jsonl: Path, out: Path) -> list[str]:
@@ -297,6 +348,8 @@ def run_cases(sizes: Sizes, work: Path, cases: set[str] | None) -> list[Config]:
             (Config(case, "bronze", mb, sizes.orders), lambda out, raw=raw: project(raw, out)),
             (Config(case, "duckdb_bare", mb, sizes.orders), lambda out, csv=csv: duck_orders(csv, out)),
             (Config(case, "pyarrow_parse", mb, sizes.orders), lambda out, csv=clean: pyarrow_parse(csv)),
+            (Config(case, "duckdb_validating", mb, sizes.orders), lambda out, csv=csv: duck_orders_validating(csv, out)),
+            (Config(case, "duckdb_statement", mb, sizes.orders), lambda out, csv=csv: duck_orders_statement(csv, out)),
         ]
         peers = peers_available()
         if peers["pandas"]:

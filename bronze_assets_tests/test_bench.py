@@ -25,6 +25,7 @@ def test_quick_benchmark_runs_every_case_and_writes_its_report(tmp_path: Path) -
         assert all(m["wall_s"] > 0 and m["peak_mib"] > 0 for m in r["runs"])
     assert report["ratios"]["orders_20000"]["duckdb_bare"] == 1.0
     assert report["ratios"]["orders_20000"]["bronze"] > 0
+    assert {"pyarrow_parse", "duckdb_validating", "duckdb_statement"} <= set(report["ratios"]["orders_20000"])
     orders = next(r for r in report["results"] if r["case"] == "orders_20000" and r["name"] == "bronze")
     assert orders["files"]["after_ingestion"]["files"] >= orders["files"]["after_compaction"]["files"] > 0
     shape = orders["files"]["after_ingestion"]
