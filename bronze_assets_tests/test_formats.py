@@ -264,6 +264,7 @@ JSONL_MALFORMED = {
     "null": ("null", "null"),
     "truncated-json": ('{"event_id": "e2", "event_ts": ', '{"event_id": "e2", "event_ts": '),
     "not-json": ("not json at all", "not json at all"),
+    "indented-array": ("\t [3, 4]", "[3,4]"),
 }
 JSONL_MALFORMED_SRC = FILES.add(
     "events/malformed.jsonl",
@@ -287,6 +288,17 @@ def test_jsonl_line_not_an_object_is_malformed(lake, case):
     assert reject["raw_record"] == JSONL_MALFORMED[case][1]
     assert [r["event_id"] for r in lake.rows("events", JSONL_MALFORMED_SRC)] == ["first", "last"]
     assert_accounted(lake, JSONL_MALFORMED_SRC, len(JSONL_MALFORMED) + 2)
+
+
+INDENTED_JSONL = FILES.add(
+    "events/indented.jsonl", "  " + json.dumps(event(event_id="i1")) + "\n\t" + json.dumps(event(event_id="i2")) + "\n"
+)
+
+
+def test_jsonl_object_after_leading_whitespace_loads(lake):
+    # Whether a line is an object is read from its first character; whitespace before it is parsed.
+    assert [r["event_id"] for r in lake.rows("events", INDENTED_JSONL)] == ["i1", "i2"]
+    assert_accounted(lake, INDENTED_JSONL, 2)
 
 
 BAD_UTF8_JSONL = FILES.add(
