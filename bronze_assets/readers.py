@@ -244,7 +244,8 @@ def _parse_header(raw: bytes) -> list[str]:
     return out
 
 
-def read_csv(source: RawSource, *, chunk_bytes: int = CHUNK_BYTES) -> Reading:
+def read_csv(source: RawSource, *, chunk_bytes: int | None = None) -> Reading:
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     fh = _open_binary(source)
     try:
         chunks = _split_records(fh, chunk_bytes=chunk_bytes, quoted=True)
@@ -419,7 +420,8 @@ def _raw_text(buf: bytes, starts: np.ndarray, ends: np.ndarray, bad: np.ndarray)
 # --------------------------------------------------------------------------------------------
 
 
-def read_jsonl(source: RawSource, *, chunk_bytes: int = CHUNK_BYTES) -> Reading:
+def read_jsonl(source: RawSource, *, chunk_bytes: int | None = None) -> Reading:
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     fh = _open_binary(source)
 
     def batches() -> Iterator[pa.RecordBatch]:

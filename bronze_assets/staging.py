@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import queue
 import shutil
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -51,6 +53,8 @@ VALIDATE_ROWS = 200_000  # held records validated in one statement
 COALESCE_ROWS = 250_000  # valid rows of small sources split by partition at once
 SMALL_SOURCE_BYTES = 32 << 20  # valid rows of a source held in memory, to be coalesced with others
 BATCH_SOURCES = 2_000  # sources published in one commit at most
+VALIDATE_THREADS = 2  # DuckDB threads validating one source (the machine's cores)
+VALIDATE_LANES = 2  # batches of a text source validated at once, each by one statement
 SHARED_PREFIX = "batch-"
 
 
@@ -685,28 +689,69 @@ def _consume(
     force: tuple[str, str] | None,
     progress: Progress,
 ) -> set[str]:
-    validator: Validator | None = None
+    validators: list[Validator] = []
     keys: set[str] = set()
     last_report = time.monotonic()
     background = Background()
+    # Text sources come in many batches of CHUNK_BYTES: two statements of one thread each, on two
+    # batches at once, keep both cores busy through the parts of a statement that run on one
+    # thread (planning, the hand-over to Arrow) where one statement of two threads leaves a core
+    # idle (paired runs, 5M orders: 0.88-0.98 of the time, median 0.91; 2M events: 0.82-0.95).
+    # Row sources come in a few large batches, which one statement already spreads over both
+    # cores (5M sensors took 1.07x as long in two lanes).
+    lanes = 1 if raw_kind == "row" else VALIDATE_LANES
+    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="bronze-validate") if lanes > 1 else None
+    free: queue.SimpleQueue[Validator] = queue.SimpleQueue()
+    inflight: deque[Future[BatchResult]] = deque()
+
+    def run(batch: pa.RecordBatch) -> BatchResult:
+        v = free.get()
+        try:
+            return v.run(batch, src_filename=source.src_path, ingestion_ts=ingestion_ts, force=force)
+        finally:
+            free.put(v)
+
+    def take(res: BatchResult) -> None:
+        nonlocal keys, last_report
+        keys |= res.keys_present
+        background.submit(writer.write, res.valid)
+        step("stage.batch")
+        outcome.rows += res.valid.num_rows
+        outcome.rejects.update(res.reasons)
+        if rejects is not None and res.rejects.num_rows:
+            rejects.write(res.rejects)
+        if time.monotonic() - last_report > PROGRESS_EVERY_S:
+            last_report = time.monotonic()
+            progress(f"{source.src_path}: {outcome.rows + outcome.reject_count:,} records read ...")
+
     try:
         for batch in prefetched(batches):
-            if validator is None:
-                validator = Validator(table, source_schema=batch.schema, raw_kind=raw_kind, output_schema=schema)
-            res = validator.run(batch, src_filename=source.src_path, ingestion_ts=ingestion_ts, force=force)
-            keys |= res.keys_present
-            background.submit(writer.write, res.valid)
-            step("stage.batch")
-            outcome.rows += res.valid.num_rows
-            outcome.rejects.update(res.reasons)
-            if rejects is not None and res.rejects.num_rows:
-                rejects.write(res.rejects)
-            if time.monotonic() - last_report > PROGRESS_EVERY_S:
-                last_report = time.monotonic()
-                progress(f"{source.src_path}: {outcome.rows + outcome.reject_count:,} records read ...")
+            if len(validators) <= len(inflight):  # every statement is busy: a lane of its own
+                validators.append(
+                    Validator(
+                        table,
+                        source_schema=batch.schema,
+                        raw_kind=raw_kind,
+                        output_schema=schema,
+                        threads=max(1, VALIDATE_THREADS // lanes),
+                    )
+                )
+                free.put(validators[-1])
+            if pool is None:
+                take(run(batch))
+                continue
+            inflight.append(pool.submit(run, batch))
+            while len(inflight) >= lanes:
+                take(inflight.popleft().result())
+        while inflight:
+            take(inflight.popleft().result())
         background.drain()
     finally:
+        for f in inflight:
+            f.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True)
         background.drain()
-        if validator is not None:
-            validator.close()
+        for v in validators:
+            v.close()
     return keys

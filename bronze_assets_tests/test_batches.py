@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from bronze_assets import staging
+from bronze_assets import readers, staging
 from bronze_assets.lake import is_shared_file
-from bronze_assets_tests.runhelpers import Env, orders_csv, pairs, write
+from bronze_assets_tests.runhelpers import ORDERS_HEADER, Env, order_line, orders_csv, pairs, write
 
 
 @pytest.fixture
@@ -98,3 +100,66 @@ def test_a_batch_closes_after_its_source_limit(env: Env, monkeypatch: pytest.Mon
     assert DeltaTable(str(env.delta_dir("orders"))).version() == 3  # created, then batches of 3, 3, 1
     assert sum(len(v) for v in by_source(env).values()) == 14
     assert_outputs_equal(env)
+
+
+def _events_jsonl(n: int) -> bytes:
+    lines = []
+    for i in range(1, n + 1):
+        if i % 19 == 0:
+            lines.append('{"event_id": "e%d", "event_ts": ' % i)  # invalid JSON: MALFORMED_RECORD
+            continue
+        session = "" if i % 11 == 0 else f"s{i % 5}"  # empty: MISSING_REQUIRED
+        lines.append(
+            f'{{"event_id": "e{i}", "event_ts": "2024-01-0{1 + i % 3}T10:00:00Z", '
+            f'"session_id": "{session}", "event_type": "view"}}'
+        )
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _orders_spread(n: int) -> bytes:
+    bad: dict[int, dict[str, str]] = {i: {"quantity": "x"} for i in range(13, n + 1, 13)}
+    bad.update({i: {"customer_id": ""} for i in range(17, n + 1, 17)})
+    lines = [ORDERS_HEADER] + [order_line(i, day=f"2024-01-0{1 + i % 3}", **bad.get(i, {})) for i in range(1, n + 1)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("table", "name", "data"),
+    [("orders", "orders_big.csv", _orders_spread(3000)), ("events", "events_big.jsonl", _events_jsonl(3000))],
+)
+def test_a_source_validated_two_batches_at_a_time_loads_as_one_batch_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str, name: str, data: bytes
+) -> None:
+    # Streamed in batches of a few KiB (not held with other small sources), each validated in
+    # one of two lanes: rows, their order in each partition file, rejects and counts must be
+    # those of one lane.
+    monkeypatch.setattr(staging, "HOLD_RAW_BYTES", 0)
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 4096)
+    made: list[int] = []
+
+    class Counted(staging.Validator):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(kwargs["threads"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(staging, "Validator", Counted)
+    seen = {}
+    for lanes in (1, 2):
+        monkeypatch.setattr(staging, "VALIDATE_LANES", lanes)
+        made.clear()
+        env = Env(tmp_path / f"lanes{lanes}")
+        write(env.raw / table / name, data)
+        [outcome] = env.run().outcomes
+        assert made == [2 // lanes] * lanes
+        files = {}
+        for f in sorted(env.parquet_dir(table).rglob("*.parquet")):
+            numbers = pq.read_table(f).column("src_row_number").to_pylist()
+            assert numbers == sorted(numbers)
+            files[f.parent.relative_to(env.parquet_dir(table)).as_posix()] = numbers
+        rejects = [(r["src_row_number"], r["reason_code"], r["raw_record"]) for r in env.rejects(table)]
+        assert [int(r[0]) for r in rejects] == sorted(int(r[0]) for r in rejects)
+        assert outcome.rows + outcome.reject_count == 3000
+        assert sorted([n for v in files.values() for n in v] + [int(r[0]) for r in rejects]) == list(range(1, 3001))
+        seen[lanes] = (outcome.rows, dict(outcome.rejects), files, rejects)
+    assert len(seen[1][2]) == 3 and seen[1][0] > 2500
+    assert seen[1] == seen[2]

@@ -7,6 +7,7 @@ import json
 import os
 import re
 from collections import Counter
+from decimal import Decimal
 from pathlib import Path
 
 import duckdb
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
+from bronze_assets.validation import row_digest_input
 from bronze_assets_tests.conftest import (
     CUSTOMER_HEADER,
     ORDER_COLUMNS,
@@ -116,6 +118,14 @@ HASH_1 = FILES.add(
 )
 HASH_2 = FILES.add(
     "orders/hash_2.csv", "\n".join([",".join(ORDER_COLUMNS), SAME_A, SAME_A.replace("card", "card ")]) + "\n"
+)
+PARQUET_HASH_1 = FILES.add(
+    "sensors/hash_1.parquet",
+    sensors_parquet([sensor(sensor_id="same"), sensor(sensor_id="same", co2_ppm=421), sensor(sensor_id="ab", battery_v=None)]),
+)
+PARQUET_HASH_2 = FILES.add(
+    "sensors/hash_2.parquet",
+    sensors_parquet([sensor(sensor_id="same"), sensor(sensor_id="same", temperature_c=21.25), sensor(sensor_id="abc")]),
 )
 SOURCES_BY_TABLE = Counter(
     p.split("/")[0] if "/" in p else next(t for t in TABLE_NAMES if p.startswith(t)) for p in FILES
@@ -241,8 +251,59 @@ def test_src_row_hash_depends_only_on_the_raw_record(lake):
     h2 = {r["src_row_number"]: r["src_row_hash"] for r in lake.rows("orders", HASH_2)}
     assert h1[1] == h2[1]  # the same raw record in two files
     assert len({h1[1], h1[2], h2[2]}) == 3  # differ by one character
-    every = [r["src_row_hash"] for t in TABLE_NAMES for r in lake.rows(t) if r["src_filename"] != HASH_2]
+    again = {HASH_2, PARQUET_HASH_2}  # their first records are those of HASH_1 and PARQUET_HASH_1
+    every = [r["src_row_hash"] for t in TABLE_NAMES for r in lake.rows(t) if r["src_filename"] not in again]
     assert len(every) == len(set(every))
+
+
+def test_src_row_hash_of_a_parquet_row_depends_only_on_its_values(lake):
+    h1 = {r["src_row_number"]: r["src_row_hash"] for r in lake.rows("sensors", PARQUET_HASH_1)}
+    h2 = {r["src_row_number"]: r["src_row_hash"] for r in lake.rows("sensors", PARQUET_HASH_2)}
+    assert h1[1] == h2[1]  # the same values in two files
+    assert len({h1[1], h1[2], h2[2], h1[3], h2[3]}) == 5  # one value differs, or is null
+    assert all(re.fullmatch(r"[0-9a-f]{32}", h) for h in [*h1.values(), *h2.values()])
+
+
+def _digests(batch: pa.RecordBatch) -> list[bytes]:
+    return row_digest_input(batch, batch.schema.names).to_pylist()
+
+
+def test_row_digest_input_lays_out_each_type_and_tells_rows_apart():
+    t = pa.table(
+        {
+            "i8": pa.array([1, 1, None, 1], pa.int8()),
+            "u64": pa.array([2**64 - 1, 2**64 - 1, 0, 2**64 - 1], pa.uint64()),
+            "f": pa.array([0.5, 0.5, None, 0.5], pa.float32()),
+            "b": pa.array([True, True, None, False]),
+            "d": pa.array([dt.date(2024, 1, 2)] * 3 + [None], pa.date32()),
+            "ts": pa.array([dt.datetime(2024, 1, 2, tzinfo=UTC)] * 4, pa.timestamp("us", tz="UTC")),
+            "dec": pa.array([Decimal("1.50")] * 4, pa.decimal128(10, 2)),
+            "s": pa.array(["ab", "ab", None, ""]),
+            "bin": pa.array([b"c", b"c", b"", None], pa.binary()),
+        }
+    )
+    rows = _digests(t.to_batches()[0])
+    assert rows[0] == rows[1]
+    assert len(set(rows)) == 3
+    # i8: valid byte then the value; u64 little-endian; bool as one byte; s and bin as lengths, then bytes.
+    assert rows[0][:2] == b"\x01\x01" and rows[0][2:11] == b"\x01" + b"\xff" * 8
+    assert rows[2][:2] == b"\x00\x00"  # null: invalid and zeroed, whatever the buffer held
+    assert rows[0].endswith(b"\x02\x00\x00\x00\x01\x00\x00\x00abc")
+    assert rows[3].endswith(b"\x00\x00\x00\x00\xff\xff\xff\xff")  # "" (length 0), then null (-1)
+    # A slice gives the rows' own bytes (the offset is honoured).
+    assert _digests(t.slice(1, 3).to_batches()[0]) == rows[1:]
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ({"x": ["ab"], "y": ["c"]}, {"x": ["a"], "y": ["bc"]}),  # text boundaries move
+        ({"x": pa.array([None], pa.string()), "y": ["c"]}, {"x": [""], "y": ["c"]}),  # null against empty
+        ({"x": [1.0], "y": ["c"]}, {"x": [-1.0], "y": ["c"]}),
+    ],
+)
+def test_row_digest_input_differs_when_values_differ(a, b):
+    assert _digests(pa.RecordBatch.from_pydict(a)) != _digests(pa.RecordBatch.from_pydict(b))
 
 
 # ------------------------------------------------------------------------------------------
@@ -289,7 +350,7 @@ def test_rows_are_in_the_folder_of_their_partition_values(lake):
         "c": dt.date(2024, 1, 2),
         "d": dt.date(2024, 1, 2),
     }
-    sensors = {r["sensor_id"]: (r["store_id"], r["reading_month"]) for r in lake.rows("sensors")}
+    sensors = {r["sensor_id"]: (r["store_id"], r["reading_month"]) for r in lake.rows("sensors", SENSORS)}
     assert sensors == {"a": (1, "2024-01"), "b": (1, "2024-02"), "c": (2, "2024-01"), "d": (2, "2024-01")}
     # Each folder holds only rows with its values.
     for path in data_files(lake.parquet_dir("events")):
