@@ -28,6 +28,7 @@ from bronze_assets.errors import BadArgument, BronzeError
 from bronze_assets.faults import step
 from bronze_assets.lake import Lake
 from bronze_assets.manifest import INGESTED, Connector, Manifest, ManifestRow, utcnow
+from bronze_assets.pipeline import without_huge_pages
 from bronze_assets.staging import (
     Batch,
     Outcome,
@@ -214,6 +215,7 @@ class Session:
         self._unchanged: dict[str, str] = {}
 
     def __enter__(self) -> Session:
+        without_huge_pages()
         settings = self.settings
         if not settings.raw.is_dir():
             raise BadArgument(f"raw folder not found: {settings.raw}", argument="--raw")

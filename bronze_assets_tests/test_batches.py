@@ -106,7 +106,7 @@ def _events_jsonl(n: int) -> bytes:
     lines = []
     for i in range(1, n + 1):
         if i % 19 == 0:
-            lines.append('{"event_id": "e%d", "event_ts": ' % i)  # invalid JSON: MALFORMED_RECORD
+            lines.append(f'{{"event_id": "e{i}", "event_ts": ')  # invalid JSON: MALFORMED_RECORD
             continue
         session = "" if i % 11 == 0 else f"s{i % 5}"  # empty: MISSING_REQUIRED
         lines.append(

@@ -9,7 +9,11 @@ import gzip
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -834,3 +838,20 @@ def test_strict_failure_of_a_delta_version_blocks_the_later_ones_until_retried(e
         "returns/changes@v1": "success",
     }
     assert len(env.rejects("returns")) == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux only")
+@pytest.mark.parametrize(("setting", "after"), [(None, "0"), ("1", "1")])
+def test_a_run_turns_transparent_huge_pages_off_unless_told(tmp_path: Path, setting: str | None, after: str) -> None:
+    # In a process of its own: the flag lasts for the life of the process.
+    code = (
+        "import sys; from pathlib import Path; from bronze_assets.ingest import Settings, run; "
+        "root = Path(sys.argv[1]); (root / 'raw').mkdir(); "
+        "run(Settings(raw=root / 'raw', lake=root / 'lake', manifest=root / 'm.duckdb')); "
+        "print(open('/proc/self/status').read().split('THP_enabled:')[1].split()[0])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "BRONZE_HUGE_PAGES"}
+    if setting is not None:
+        env["BRONZE_HUGE_PAGES"] = setting
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-1] == after
