@@ -611,6 +611,8 @@ def row_digest_input(batch: pa.RecordBatch, names: Sequence[str]) -> pa.Array:
     as its length in bytes (int32, -1 when null); then the bytes of each text or binary column,
     in order. Equal values give equal bytes, and the lengths make the layout unambiguous."""
     n = batch.num_rows
+    if n == 0:
+        return pa.array([], pa.binary())
     widths = []
     for name in names:
         t = batch.schema.field(name).type

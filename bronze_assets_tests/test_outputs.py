@@ -290,8 +290,9 @@ def test_row_digest_input_lays_out_each_type_and_tells_rows_apart():
     assert rows[2][:2] == b"\x00\x00"  # null: invalid and zeroed, whatever the buffer held
     assert rows[0].endswith(b"\x02\x00\x00\x00\x01\x00\x00\x00abc")
     assert rows[3].endswith(b"\x00\x00\x00\x00\xff\xff\xff\xff")  # "" (length 0), then null (-1)
-    # A slice gives the rows' own bytes (the offset is honoured).
+    # A slice gives the rows' own bytes (the offset is honoured); no rows, no values.
     assert _digests(t.slice(1, 3).to_batches()[0]) == rows[1:]
+    assert _digests(pa.RecordBatch.from_pylist([], schema=t.schema)) == []
 
 
 @pytest.mark.parametrize(
