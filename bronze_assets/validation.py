@@ -641,7 +641,12 @@ def row_digest_input(batch: pa.RecordBatch, names: Sequence[str]) -> pa.Array:
                 values = np.where(valid[:, None], values, 0)
             fixed[:, at + 1 : at + width] = values
         at += width
-    out = pa.FixedSizeBinaryArray.from_buffers(pa.binary(fixed.shape[1]), n, [None, pa.py_buffer(fixed)]).cast(pa.binary())
+    # The rows of the matrix as binary values, without a copy (a cast from fixed_size_binary
+    # would make one).
+    row_bytes = fixed.shape[1]
+    big = n * row_bytes >= 2**31
+    offsets = np.arange(n + 1, dtype=np.int64 if big else np.int32) * row_bytes
+    out = pa.Array.from_buffers(pa.large_binary() if big else pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(fixed)])
     if texts:
         out = pc.binary_join_element_wise(out, *texts, b"", null_handling="replace", null_replacement=b"")
     return out
