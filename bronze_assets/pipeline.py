@@ -12,11 +12,13 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 _DONE = object()
 PR_SET_THP_DISABLE = 41  # linux/prctl.h
 
@@ -76,6 +78,30 @@ def prefetched(items: Iterator[T], *, depth: int = 2) -> Iterator[T]:
                 q.get_nowait()
             except queue.Empty:
                 thread.join(timeout=0.05)
+
+
+def in_order(fn: Callable[[T, int], R], items: Iterator[T], *, lanes: int) -> Generator[R, None, None]:
+    """``fn(item, lane)`` over ``items``, up to ``lanes`` calls at once on threads of their own,
+    the results in the items' order. Item i runs in lane i % lanes once the lane's previous item
+    is done, so what a lane keeps (a database connection) is never used by two calls at once.
+    With one lane the calls run on the caller's thread."""
+    if lanes <= 1:
+        for item in items:
+            yield fn(item, 0)
+        return
+    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="bronze-lane")
+    pending: deque[Future[R]] = deque()
+    try:
+        for i, item in enumerate(items):
+            pending.append(pool.submit(fn, item, i % lanes))
+            if len(pending) == lanes:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)
 
 
 class Background:

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import queue
 import shutil
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,7 +36,7 @@ from bronze_assets.lake import (
     WrittenFile,
     source_id,
 )
-from bronze_assets.pipeline import Background, prefetched
+from bronze_assets.pipeline import Background, in_order, prefetched
 from bronze_assets.readers import RawKind, Reading, open_source
 from bronze_assets.upsert import commit_upsert
 from bronze_assets.validation import BatchResult, Validator, added_columns, output_schema, rejects_for_file
@@ -689,7 +687,7 @@ def _consume(
     force: tuple[str, str] | None,
     progress: Progress,
 ) -> set[str]:
-    validators: list[Validator] = []
+    validators: dict[int, Validator] = {}  # by lane
     keys: set[str] = set()
     last_report = time.monotonic()
     background = Background()
@@ -700,58 +698,36 @@ def _consume(
     # Row sources come in a few large batches, which one statement already spreads over both
     # cores (5M sensors took 1.07x as long in two lanes).
     lanes = 1 if raw_kind == "row" else VALIDATE_LANES
-    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="bronze-validate") if lanes > 1 else None
-    free: queue.SimpleQueue[Validator] = queue.SimpleQueue()
-    inflight: deque[Future[BatchResult]] = deque()
 
-    def run(batch: pa.RecordBatch) -> BatchResult:
-        v = free.get()
-        try:
-            return v.run(batch, src_filename=source.src_path, ingestion_ts=ingestion_ts, force=force)
-        finally:
-            free.put(v)
+    def validate(batch: pa.RecordBatch, lane: int) -> BatchResult:
+        v = validators.get(lane)
+        if v is None:  # a lane's statement is made with its first batch
+            v = validators[lane] = Validator(
+                table,
+                source_schema=batch.schema,
+                raw_kind=raw_kind,
+                output_schema=schema,
+                threads=max(1, VALIDATE_THREADS // lanes),
+            )
+        return v.run(batch, src_filename=source.src_path, ingestion_ts=ingestion_ts, force=force)
 
-    def take(res: BatchResult) -> None:
-        nonlocal keys, last_report
-        keys |= res.keys_present
-        background.submit(writer.write, res.valid)
-        step("stage.batch")
-        outcome.rows += res.valid.num_rows
-        outcome.rejects.update(res.reasons)
-        if rejects is not None and res.rejects.num_rows:
-            rejects.write(res.rejects)
-        if time.monotonic() - last_report > PROGRESS_EVERY_S:
-            last_report = time.monotonic()
-            progress(f"{source.src_path}: {outcome.rows + outcome.reject_count:,} records read ...")
-
+    results = in_order(validate, prefetched(batches), lanes=lanes)
     try:
-        for batch in prefetched(batches):
-            if len(validators) <= len(inflight):  # every statement is busy: a lane of its own
-                validators.append(
-                    Validator(
-                        table,
-                        source_schema=batch.schema,
-                        raw_kind=raw_kind,
-                        output_schema=schema,
-                        threads=max(1, VALIDATE_THREADS // lanes),
-                    )
-                )
-                free.put(validators[-1])
-            if pool is None:
-                take(run(batch))
-                continue
-            inflight.append(pool.submit(run, batch))
-            while len(inflight) >= lanes:
-                take(inflight.popleft().result())
-        while inflight:
-            take(inflight.popleft().result())
+        for res in results:
+            keys |= res.keys_present
+            background.submit(writer.write, res.valid)
+            step("stage.batch")
+            outcome.rows += res.valid.num_rows
+            outcome.rejects.update(res.reasons)
+            if rejects is not None and res.rejects.num_rows:
+                rejects.write(res.rejects)
+            if time.monotonic() - last_report > PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                progress(f"{source.src_path}: {outcome.rows + outcome.reject_count:,} records read ...")
         background.drain()
     finally:
-        for f in inflight:
-            f.cancel()
-        if pool is not None:
-            pool.shutdown(wait=True)
+        results.close()  # its lanes stop before their statements close
         background.drain()
-        for v in validators:
+        for v in validators.values():
             v.close()
     return keys
