@@ -258,7 +258,8 @@ class Validator:
                 "_j",
                 # _j is valid JSON: text that starts with "{" is an object, and text that starts with
                 # another printable character is not; only the rest (leading whitespace) is parsed.
-                "coalesce(CASE WHEN ascii(_j) = 123 THEN true WHEN ascii(_j) > 32 THEN false "
+                # The first byte is tested by comparing strings (see _missing), not with ascii().
+                "coalesce(CASE WHEN _j >= '{' AND _j < '|' THEN true WHEN _j >= '!' THEN false "
                 "ELSE json_type(_j) = 'OBJECT' END, false) AS _ok",
             ]
             l0_vals = f"CASE WHEN _ok THEN json_extract_string(_j, [{paths}]) END AS _vals"
@@ -400,9 +401,12 @@ class Validator:
     @staticmethod
     def _missing(i: str, src: pa.DataType | None) -> str:
         if _is_text(src):
-            # A value whose first character is not ASCII whitespace (or a control character) is
-            # not blank: the regular expression runs only on the few that might be.
-            return f"(CASE WHEN {i} IS NULL THEN true WHEN ascii({i}) > 32 THEN false ELSE regexp_full_match({i}, '\\s*') END)"
+            # A value whose first byte is above the space (not ASCII whitespace or a control
+            # character) is not blank: the regular expression runs only on the few that might be.
+            # Text compares by its bytes, so ``>= '!'`` tests the first byte alone; DuckDB's
+            # ascii() would scan the whole value for non-ASCII characters first (3% of the
+            # orders statement).
+            return f"(CASE WHEN {i} IS NULL THEN true WHEN {i} >= '!' THEN false ELSE regexp_full_match({i}, '\\s*') END)"
         return f"({i} IS NULL)"
 
     def _rescued_sql(self, present: dict[str, pa.DataType], json_mode: bool) -> str:
@@ -618,7 +622,8 @@ def row_digest_input(batch: pa.RecordBatch, names: Sequence[str]) -> pa.Array:
         t = batch.schema.field(name).type
         w = _fixed_bytes(t)
         widths.append(4 if w is None else 1 + w)
-    fixed = np.zeros((n, sum(widths)), dtype=np.uint8)
+    row_bytes = sum(widths)
+    fixed = np.zeros((n, row_bytes), dtype=np.uint8)
     texts: list[pa.Array] = []
     at = 0
     for name, width in zip(names, widths, strict=True):
@@ -627,29 +632,41 @@ def row_digest_input(batch: pa.RecordBatch, names: Sequence[str]) -> pa.Array:
         valid = None if a.null_count == 0 else a.is_valid().to_numpy(zero_copy_only=False)
         if pa.types.is_string(t) or pa.types.is_binary(t):
             lengths = pc.binary_length(a).fill_null(-1).to_numpy(zero_copy_only=False).astype("<i4")
-            fixed[:, at : at + 4] = lengths.view(np.uint8).reshape(n, 4)
+            _field_of(fixed, at, 4)[:] = lengths.view(_item(4))
             texts.append(a.cast(pa.binary()))
         else:
             w = width - 1
             fixed[:, at] = 1 if valid is None else valid
             if pa.types.is_boolean(t):
-                values = a.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint8).reshape(n, 1)
+                values = a.fill_null(False).to_numpy(zero_copy_only=False).astype(np.uint8)
             else:
                 raw = np.frombuffer(a.buffers()[1], dtype=np.uint8, count=(a.offset + n) * w)
-                values = raw[a.offset * w :].reshape(n, w)
+                values = raw[a.offset * w :].view(_item(w))
+            field = _field_of(fixed, at + 1, w)
+            field[:] = values
             if valid is not None:
-                values = np.where(valid[:, None], values, 0)
-            fixed[:, at + 1 : at + width] = values
+                field[~valid] = np.zeros(1, dtype=field.dtype)
         at += width
     # The rows of the matrix as binary values, without a copy (a cast from fixed_size_binary
     # would make one).
-    row_bytes = fixed.shape[1]
     big = n * row_bytes >= 2**31
     offsets = np.arange(n + 1, dtype=np.int64 if big else np.int32) * row_bytes
     out = pa.Array.from_buffers(pa.large_binary() if big else pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(fixed)])
     if texts:
         out = pc.binary_join_element_wise(out, *texts, b"", null_handling="replace", null_replacement=b"")
     return out
+
+
+def _item(width: int) -> np.dtype:
+    """A numpy type of ``width`` bytes whose values are copied as they are (bytes, not numbers)."""
+    return np.dtype(f"<u{width}") if width in (1, 2, 4, 8) else np.dtype((np.void, width))
+
+
+def _field_of(matrix: np.ndarray, at: int, width: int) -> np.ndarray:
+    """Bytes ``at`` to ``at + width`` of every row of ``matrix``, as one value per row: a copy
+    into it is one strided loop over the rows (a slice of the matrix's columns copies row by
+    row, several times slower). The values need not be aligned."""
+    return np.ndarray((matrix.shape[0],), dtype=_item(width), buffer=matrix, offset=at, strides=(matrix.shape[1],))
 
 
 def _with_source_schema(schema: pa.Schema) -> pa.Schema:

@@ -523,8 +523,11 @@ def test_partitioned_writer_makes_one_file_per_partition_in_input_order(tmp_path
     files = writer.close()
     assert sorted(f.partition_values["day"] for f in files) == [f"2024-01-0{d}" for d in range(1, 5)]
     assert sum(f.rows for f in files) == n
+    # No partition folders of its own: those are made where the files are published.
+    assert all(p.is_file() for p in (tmp_path / "out").iterdir())
+    assert all(f.relpath == f"day={f.partition_values['day']}/{f.staged}" for f in files)
     for f in files:
-        got = pq.read_table(tmp_path / "out" / f.relpath)
+        got = pq.read_table(f.staged_path(tmp_path / "out"))
         day = dt.date.fromisoformat(f.partition_values["day"])
         want = [i for i in range(n) if days[i] == day]
         assert got.column("k").to_pylist() == want
@@ -635,10 +638,12 @@ def test_rows_set_aside_on_disk_make_one_row_group_per_partition_in_record_order
     assert (tmp_path / "out" / "_spill").is_dir()  # it did set rows aside
     files = writer.close()
     assert not (tmp_path / "out" / "_spill").exists()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"day=2024-01-0{d}" for d in range(1, 5)]
+    # The files sit flat in the writer's folder; their paths in the table name the partitions.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(f.staged for f in files)
+    assert sorted(f.relpath.split("/")[0] for f in files) == [f"day=2024-01-0{d}" for d in range(1, 5)]
     assert len(files) == 4 and sum(f.rows for f in files) == n
     for f in files:
-        pf = pq.ParquetFile(tmp_path / "out" / f.relpath)
+        pf = pq.ParquetFile(f.staged_path(tmp_path / "out"))
         assert pf.metadata.num_row_groups == 1
         day = dt.date.fromisoformat(f.partition_values["day"])
         want = [i for i in range(n) if days[i] == day]
@@ -655,7 +660,7 @@ def test_rows_set_aside_on_disk_are_written_once_a_row_group_fills(tmp_path):
     files = writer.close()
     assert sum(f.rows for f in files) == n
     for f in files:
-        pf = pq.ParquetFile(tmp_path / "out" / f.relpath)
+        pf = pq.ParquetFile(f.staged_path(tmp_path / "out"))
         sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
         assert len(sizes) > 1 and all(s >= 120 for s in sizes[:-1]), sizes
         day = dt.date.fromisoformat(f.partition_values["day"])
