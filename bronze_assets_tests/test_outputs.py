@@ -673,3 +673,67 @@ def test_an_aborted_writer_leaves_no_rows_set_aside(tmp_path):
     assert any((tmp_path / "out" / "_spill").iterdir())
     writer.abort()
     assert not (tmp_path / "out" / "_spill").exists()
+
+
+@pytest.mark.parametrize("table_name", ["sensors", "orders"])
+def test_a_validated_batch_comes_out_valid_rows_first_grouped_by_partition_then_rejects_in_record_order(table_name):
+    """The validating statement keeps record order and the rows are put in write order after it:
+    valid rows first, each partition's rows together and in record order (partitions in order of
+    first appearance), then the rejects in record order. Sensors group by a hash of two columns,
+    orders by one date column."""
+    from bronze_assets.validation import Validator, output_schema
+
+    table = TABLES_BY_NAME[table_name]
+    n = 600
+    bad = {i for i in range(n) if i % 7 == 3}
+    if table_name == "sensors":
+        columns = {
+            "store_id": pa.array([i % 5 for i in range(n)], pa.int32()),
+            "sensor_id": pa.array([f"s{i}" for i in range(n)]),
+            "reading_ts": pa.array(
+                [dt.datetime(2024, 1 + i % 3, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=i) for i in range(n)],
+                pa.timestamp("us", tz="UTC"),
+            ),
+            "temperature_c": pa.array([float(i) for i in range(n)]),
+            "humidity_pct": pa.array([500.0 if i in bad else 50.0 for i in range(n)]),  # over 100: rejected
+            "co2_ppm": pa.array([400] * n, pa.int32()),
+            "battery_v": pa.array([3.0] * n),
+        }
+        kind = "row"
+    else:
+        columns = {c.name: pa.array(["x"] * n) for c in table.columns}
+        columns.update(
+            order_id=pa.array([str(i) for i in range(n)]),
+            customer_id=pa.array(["1"] * n),
+            store_id=pa.array(["1"] * n),
+            product_id=pa.array(["1"] * n),
+            order_dt=pa.array([f"2024-01-0{1 + (i * 5) % 9}" for i in range(n)]),
+            order_ts=pa.array(["2024-01-01T00:00:00Z"] * n),
+            quantity=pa.array(["0" if i in bad else "2" for i in range(n)]),  # 0: rejected
+            unit_price=pa.array(["1.50"] * n),
+            discount_pct=pa.array(["0"] * n),
+            currency=pa.array(["EUR"] * n),
+            status=pa.array(["PAID"] * n),
+            payment_method=pa.array(["card"] * n),
+        )
+        columns = {"_raw": pa.array([f"line {i}" for i in range(n)]), **columns}
+        kind = "text"
+    batch = pa.RecordBatch.from_pydict(
+        {"_row": pa.array(range(1, n + 1), pa.int64()), "_bad": pa.nulls(n, pa.string()), **columns}
+    )
+    validator = Validator(table, source_schema=batch.schema, raw_kind=kind, output_schema=output_schema(table))
+    try:
+        result = validator.run(batch, src_filename=f"{table_name}/x", ingestion_ts=dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+    finally:
+        validator.close()
+    assert result.rejects.column("src_row_number").to_pylist() == [i + 1 for i in sorted(bad)]
+    valid = result.valid.select([*table.partition_by, "src_row_number"]).to_pylist()
+    assert sorted(r["src_row_number"] for r in valid) == [i + 1 for i in range(n) if i not in bad]
+    keys = [tuple(r[c] for c in table.partition_by) for r in valid]
+    runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+    assert len(runs) == len(set(keys)) > 1  # each partition's rows together
+    first_seen = list(dict.fromkeys(keys))
+    assert runs == first_seen  # in order of first appearance
+    for key in runs:
+        numbers = [r["src_row_number"] for r, k in zip(valid, keys, strict=True) if k == key]
+        assert numbers == sorted(numbers)  # record order within the partition
