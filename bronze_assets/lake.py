@@ -141,6 +141,7 @@ class _Round:
 
 
 UNIQUE_PER_ROW = ("src_row_number", "src_row_hash")
+INCOMPRESSIBLE = ("src_row_hash",)  # stored without compression
 
 
 class PartitionedWriter:
@@ -180,6 +181,9 @@ class PartitionedWriter:
         self._dictionary_columns = [
             f.name for f in self.file_schema if pa.types.is_string(f.type) and f.name not in UNIQUE_PER_ROW
         ]
+        # Snappy for every column but the row hash: its hex digits are random, snappy saved a
+        # tenth of its bytes (5-6% of a file) for 9% of the writer's CPU (orders and sensors).
+        self._compression = {f.name: "none" if f.name in INCOMPRESSIBLE else "snappy" for f in self.file_schema}
         self.prefix = prefix
         self.target_file_bytes = target_file_bytes
         self.row_group_rows = row_group_rows
@@ -328,7 +332,7 @@ class PartitionedWriter:
                     self._directory_made = True
             state.sink = pa.OSFile(str(self.directory / name), "wb")
             state.writer = pq.ParquetWriter(
-                state.sink, self.file_schema, compression="snappy", use_dictionary=self._dictionary_columns
+                state.sink, self.file_schema, compression=self._compression, use_dictionary=self._dictionary_columns
             )
             state.rows = 0
         assert state.writer is not None and state.sink is not None

@@ -737,3 +737,15 @@ def test_a_validated_batch_comes_out_valid_rows_first_grouped_by_partition_then_
     for key in runs:
         numbers = [r["src_row_number"] for r, k in zip(valid, keys, strict=True) if k == key]
         assert numbers == sorted(numbers)  # record order within the partition
+
+
+def test_the_row_hash_is_stored_uncompressed_and_the_other_columns_with_snappy(tmp_path):
+    from bronze_assets.lake import PartitionedWriter
+
+    schema = pa.schema([("k", pa.int64()), ("src_row_hash", pa.string()), ("day", pa.date32())])
+    writer = PartitionedWriter(tmp_path / "out", schema, partition_by=("day",), prefix="t")
+    writer.write(pa.table({"k": [1, 2], "src_row_hash": ["ab" * 16, "cd" * 16], "day": [dt.date(2024, 1, 1)] * 2}, schema=schema))
+    (f,) = writer.close()
+    meta = pq.ParquetFile(f.staged_path(tmp_path / "out")).metadata.row_group(0)
+    codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
+    assert codecs == {"k": "SNAPPY", "src_row_hash": "UNCOMPRESSED"}
