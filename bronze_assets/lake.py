@@ -360,15 +360,18 @@ class PartitionedWriter:
             self.files.append(written)
         state.writer, state.sink = None, None
 
+    def _flush_and_finish(self, key: tuple[object, ...]) -> None:
+        self._flush(key)
+        self._finish(self._open[key])
+
     def _close(self, key: tuple[object, ...]) -> None:
         self._flush(key)
         self._finish(self._open.pop(key))
 
     def close(self) -> list[WrittenFile]:
         keys = list(self._open)
-        _in_parallel(self._flush, keys)
-        for key in keys:
-            self._finish(self._open.pop(key))
+        _in_parallel(self._flush_and_finish, keys)  # each file's footer and statistics too
+        self._open.clear()
         shutil.rmtree(self.directory / SPILL_DIR, ignore_errors=True)
         self.files.sort(key=lambda f: f.relpath)
         return self.files
