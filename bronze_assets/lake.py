@@ -133,7 +133,7 @@ class _Open:
 
 
 @dataclass
-class _Round:
+class _SpillFile:
     """One spill's file, shared by the partitions it set rows aside for."""
 
     path: Path
@@ -191,7 +191,7 @@ class PartitionedWriter:
         self._open: dict[tuple[object, ...], _Open] = {}
         self._buffered = 0
         self._seq = 0
-        self._rounds: dict[int, _Round] = {}
+        self._spill_files: dict[int, _SpillFile] = {}
         self._directory_made = False
         self._lock = threading.Lock()  # the counters and the file list, when partitions flush in parallel
         self.files: list[WrittenFile] = []
@@ -270,7 +270,7 @@ class PartitionedWriter:
             self._seq += 1
             seq = self._seq
         folder = self.directory / SPILL_DIR
-        if not self._rounds:
+        if not self._spill_files:
             folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{seq:05d}.arrow"
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, self.file_schema) as out:
@@ -286,7 +286,7 @@ class PartitionedWriter:
                     state.spilled.append((seq, at, sink.tell() - at))
                 state.spilled_rows += data.num_rows
         with self._lock:
-            self._rounds[seq] = _Round(path, len(keys))
+            self._spill_files[seq] = _SpillFile(path, len(keys))
 
     def _unspill(self, state: _Open) -> pa.Table | None:
         """The rows a partition set aside, read back memory-mapped (not copied). Each partition
@@ -300,12 +300,12 @@ class PartitionedWriter:
         with self._lock:  # partitions are flushed in parallel, and their spills share files
             for seq, _, _ in state.spilled:
                 if seq not in maps:
-                    spill = self._rounds[seq]
-                    maps[seq] = pa.memory_map(str(spill.path))
-                    spill.holders -= 1
-                    if spill.holders == 0:
-                        spill.path.unlink()
-                        del self._rounds[seq]
+                    spill_file = self._spill_files[seq]
+                    maps[seq] = pa.memory_map(str(spill_file.path))
+                    spill_file.holders -= 1
+                    if spill_file.holders == 0:
+                        spill_file.path.unlink()
+                        del self._spill_files[seq]
         batches = [pa.ipc.read_record_batch(maps[seq].read_at(length, at), self.file_schema) for seq, at, length in state.spilled]
         state.spilled, state.spilled_rows = [], 0
         return pa.Table.from_batches(batches, schema=self.file_schema)
@@ -365,8 +365,8 @@ class PartitionedWriter:
         self._finish(self._open[key])
 
     def _close(self, key: tuple[object, ...]) -> None:
-        self._flush(key)
-        self._finish(self._open.pop(key))
+        self._flush_and_finish(key)
+        del self._open[key]
 
     def close(self) -> list[WrittenFile]:
         keys = list(self._open)
@@ -383,7 +383,7 @@ class PartitionedWriter:
             if state.sink is not None:
                 state.sink.close()
         self._open.clear()
-        self._rounds.clear()
+        self._spill_files.clear()
         shutil.rmtree(self.directory / SPILL_DIR, ignore_errors=True)
 
 
