@@ -563,13 +563,19 @@ class Validator:
         if n < 2 or bool(np.all(codes[1:] >= codes[:-1])):
             return result
         order = pa.array(np.argsort(codes.astype(np.int16 if k < 2**15 - 1 else np.int32), kind="stable"))
+
+        def gather(name: str) -> pa.ChunkedArray | pa.Array:
+            column = result.column(name)
+            return column if name in _ONE_VALUE else _gathered(column, order)
+
         if self._threads < 2:
-            return result.take(order)
-        # A statement of several threads leaves them idle while its rows are gathered: the
-        # columns are gathered on as many threads instead (pyarrow releases the GIL).
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="bronze-gather")
-        columns = list(self._pool.map(lambda c: c.take(order), result.columns))
+            columns = [gather(name) for name in result.column_names]
+        else:
+            # A statement of several threads leaves them idle while its rows are gathered: the
+            # columns are gathered on as many threads instead (pyarrow releases the GIL).
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="bronze-gather")
+            columns = list(self._pool.map(gather, result.column_names))
         return pa.Table.from_arrays(columns, schema=result.schema)
 
     def _empty_result(self) -> pa.Table:
@@ -628,6 +634,29 @@ class Validator:
 
 
 _ITS = pa.timestamp("us", tz="UTC")
+# The columns that hold one value over a source's batch: any order of their rows is the same column.
+_ONE_VALUE = frozenset(("src_filename", "ingestion_ts"))
+
+
+def _gathered(column: pa.ChunkedArray, order: pa.Array) -> pa.ChunkedArray | pa.Array:
+    """``column.take(order)``. Arrow takes text value by value (about 0.1 s per million rows and
+    column here, whatever the values' length); text whose values all have one byte length (a
+    digest, an identifier or a code of fixed width) is taken as fixed-size binary instead, a
+    copy of that many bytes a row (a tenth of the time), and read back as text."""
+    n = len(column)
+    if not (pa.types.is_string(column.type) and n and column.null_count == 0):
+        return column.take(order)
+    text = column.combine_chunks()
+    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32, count=n + 1, offset=text.offset * 4)
+    first, total = int(offsets[0]), int(offsets[-1] - offsets[0])
+    width = total // n
+    if width == 0 or width * n != total or not bool(np.all(np.diff(offsets) == width)):
+        return text.take(order)
+    fixed = pa.Array.from_buffers(pa.binary(width), n, [None, text.buffers()[2].slice(first, total)])
+    taken = fixed.take(order)
+    return pa.StringArray.from_buffers(
+        n, pa.py_buffer(np.arange(0, (n + 1) * width, width, dtype=np.int32)), taken.buffers()[1].slice(taken.offset * width)
+    )
 
 
 def _fixed_width(t: pa.DataType) -> bool:

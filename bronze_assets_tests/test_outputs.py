@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -737,6 +738,37 @@ def test_a_validated_batch_comes_out_valid_rows_first_grouped_by_partition_then_
     for key in runs:
         numbers = [r["src_row_number"] for r, k in zip(valid, keys, strict=True) if k == key]
         assert numbers == sorted(numbers)  # record order within the partition
+    # Every column moved with its row (the row hash and identifiers of one width are gathered as
+    # fixed-size binary, the others by Arrow's take, the source's name and time not at all).
+    out = result.valid.to_pylist()
+    assert {r["src_filename"] for r in out} == {f"{table_name}/x"}
+    if table_name == "orders":
+        assert all(r["src_row_hash"] == hashlib.md5(f"line {r['src_row_number'] - 1}".encode()).hexdigest() for r in out)
+        assert all(r["order_id"] == r["src_row_number"] - 1 for r in out)
+    else:
+        assert all(r["sensor_id"] == f"s{r['src_row_number'] - 1}" for r in out)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [f"{i:032x}" for i in range(50)],  # one width
+        [f"é{i:03d}" for i in range(50)],  # one width in bytes, not in characters
+        [f"v{i}" for i in range(50)],  # several widths
+        [None if i % 9 == 0 else f"{i:04d}" for i in range(50)],  # nulls
+        ["" for _ in range(50)],
+    ],
+)
+@pytest.mark.parametrize("sliced", [False, True])
+def test_gathering_a_text_column_equals_arrows_take(values, sliced):
+    from bronze_assets.validation import _gathered
+
+    column = pa.chunked_array([pa.array(values[:20]), pa.array(values[20:])])
+    if sliced:
+        column = column.slice(3, 40)
+    order = pa.array(list(range(len(column)))[::-3] + [i for i in range(len(column)) if (len(column) - 1 - i) % 3], pa.int64())
+    got = _gathered(column, order)
+    assert pa.chunked_array([got]).combine_chunks().equals(column.take(order).combine_chunks())
 
 
 def test_the_row_hash_is_stored_uncompressed_and_the_other_columns_with_snappy(tmp_path):
