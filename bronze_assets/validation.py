@@ -10,6 +10,7 @@ rejects it. DuckDB's TRY_CAST rounds where the contract wants a reject (``3.5`` 
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -258,7 +259,6 @@ class Validator:
         else:
             l0.append("_raw AS _t")
         if json_mode:
-            paths = ", ".join(lit(f'$."{c.name}"') for c in table.columns)
             l0 += [
                 "_j",
                 # _j is valid JSON: text that starts with "{" is an object, and text that starts with
@@ -267,7 +267,13 @@ class Validator:
                 "coalesce(CASE WHEN _j >= '{' AND _j < '|' THEN true WHEN _j >= '!' THEN false "
                 "ELSE json_type(_j) = 'OBJECT' END, false) AS _ok",
             ]
-            l0_vals = f"CASE WHEN _ok THEN json_extract_string(_j, [{paths}]) END AS _vals"
+            # _j is valid JSON or null, so extraction needs no guard: what is not an object gives
+            # nulls (and is rejected by _ok first). The declared keys are read into a struct of
+            # text in one pass (json_transform takes a nested value as its JSON text, as
+            # json_extract_string does, and matches keys exactly); a struct's fields are read in
+            # place where a list's elements are copied (7% of the events statement).
+            spec = json.dumps({c.name: "VARCHAR" for c in table.columns}, separators=(",", ":"))
+            l0_vals = f"json_transform(_j, {lit(spec)}) AS _vals"
         else:
             l0 += [ident(n) for n in names]
             l0_vals = ""
@@ -279,12 +285,13 @@ class Validator:
         # where it is needed only for rejects.
         raw_out = "coalesce(json(_j)::VARCHAR, _t)" if json_mode else "to_json(_t)::VARCHAR" if self.raw_kind == "row" else "_t"
         input_types: dict[str, pa.DataType | None] = {}
-        for k, col in enumerate(table.columns, start=1):
+        for col in table.columns:
             if json_mode:
-                l1.append(f"_vals[{k}] AS {ident('i__' + col.name)}")
+                value = f"_vals.{ident(col.name)}"
+                l1.append(f"{value} AS {ident('i__' + col.name)}")
                 # A key whose value was extracted exists; only the others are looked up.
                 exists = f"json_exists(_j, {lit('$.' + chr(34) + col.name + chr(34))})"
-                l1.append(f"CASE WHEN _vals[{k}] IS NOT NULL THEN true WHEN _ok THEN {exists} END AS {ident('h__' + col.name)}")
+                l1.append(f"CASE WHEN {value} IS NOT NULL THEN true WHEN _ok THEN {exists} END AS {ident('h__' + col.name)}")
                 input_types[col.name] = None
             elif col.name in present:
                 l1.append(f"{ident(col.name)} AS {ident('i__' + col.name)}")

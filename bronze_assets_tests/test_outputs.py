@@ -781,3 +781,41 @@ def test_the_row_hash_is_stored_uncompressed_and_the_other_columns_with_snappy(t
     meta = pq.ParquetFile(f.staged_path(tmp_path / "out")).metadata.row_group(0)
     codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
     assert codecs == {"k": "SNAPPY", "src_row_hash": "UNCOMPRESSED"}
+
+
+def test_json_values_are_read_by_exact_key_first_one_wins_nested_as_json_text():
+    """A JSON line's declared keys are read in one pass into a struct of text: keys match
+    exactly, the first of a repeated key wins, a nested value is kept as its JSON text, an
+    undeclared key goes to _rescued_data, and a line that is not an object is malformed."""
+    from bronze_assets.validation import Validator, output_schema
+    from schemas.schemas import Column, Table
+
+    first, note, third = "id", "note", "extra"
+    table = Table(
+        name="t",
+        columns=(Column(first, pa.int64(), required=True), Column(note, pa.string()), Column(third, pa.string())),
+    )
+    lines = [
+        '{"id": 1, "note": "a", "id": 2}',
+        '{"id": 3, "Note": "upper", "note": {"k": [1, 2]}}',
+        f'{{"id": 4, "{third}": "third", "other": 5}}',
+        '[1, 2]',
+    ]
+    n = len(lines)
+    batch = pa.RecordBatch.from_pydict(
+        {"_row": pa.array(range(1, n + 1), pa.int64()), "_bad": pa.nulls(n, pa.string()), "_raw": pa.array(lines)}
+    )
+    validator = Validator(table, source_schema=batch.schema, raw_kind="json", output_schema=output_schema(table))
+    try:
+        result = validator.run(batch, src_filename="t/x.jsonl", ingestion_ts=dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+    finally:
+        validator.close()
+    rows = {r["src_row_number"]: r for r in result.valid.to_pylist()}
+    assert [rows[k][first] for k in (1, 2, 3)] == [1, 3, 4]
+    assert rows[1][note] == "a"
+    assert rows[2][note] == '{"k":[1,2]}'
+    assert json.loads(rows[2]["_rescued_data"]) == {"Note": "upper"}
+    assert rows[3][third] == "third"
+    assert json.loads(rows[3]["_rescued_data"]) == {"other": 5}
+    assert result.rejects.column("src_row_number").to_pylist() == [4]
+    assert result.rejects.column("reason_code").to_pylist() == ["MALFORMED_RECORD"]
