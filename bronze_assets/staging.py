@@ -221,6 +221,7 @@ class Batch:
                 partition_by=self.table.partition_by,
                 prefix=f"{SHARED_PREFIX}{token}",
                 target_file_bytes=target_file_bytes,
+                folders=lake.folder_maker(self.table.name) if self.table.partition_by else None,
             )
         for held in staged.buffered:
             self._rows.append(held)
@@ -318,10 +319,10 @@ def stage_source(
                 step("stage.read")
                 return staged
             batches = itertools.chain(held, rest)
-        writer = _new_writer(source, table, folder, staged.schema, settings, token)
+        writer = _new_writer(source, table, folder, staged.schema, settings, token, lake)
         staged.columns, writer = _stream(
             source, table, batches, reading.raw_kind, staged.columns, force, staged.schema, folder, rejects, outcome,
-            settings, ingestion_ts, token, progress, opener, writer,
+            settings, ingestion_ts, token, progress, opener, writer, lake,
         )  # fmt: skip
         _unchanged_while_read(source)
     except UnreadableFile as exc:
@@ -614,7 +615,7 @@ def _plan(reading: Reading, table: Table) -> tuple[list[str], tuple[str, str] | 
 
 
 def _new_writer(
-    source: RawSource, table: Table, folder: Path, schema: pa.Schema, settings: Settings, token: str
+    source: RawSource, table: Table, folder: Path, schema: pa.Schema, settings: Settings, token: str, lake: Lake
 ) -> Writer:
     if settings.dry_run:
         return _Counting()
@@ -626,6 +627,7 @@ def _new_writer(
             partition_by=table.partition_by,
             prefix=f"{source_id(source.src_path)}-{token}",
             target_file_bytes=settings.target_file_bytes,
+            folders=lake.folder_maker(table.name) if table.partition_by else None,
         )
 
     if table.write_mode == "upsert":
@@ -650,6 +652,7 @@ def _stream(
     progress: Progress,
     opener: Callable[[RawSource], Reading],
     writer: Writer,
+    lake: Lake,
 ) -> tuple[list[str], Writer]:
     """Validate the source's batches as they are read, writing as it goes."""
     keys_seen = _consume(batches, raw_kind, table, out_schema, writer, rejects, outcome, source, ingestion_ts, force, progress)
@@ -661,7 +664,7 @@ def _stream(
             if isinstance(writer, PartitionedWriter | _Deferred):
                 writer.abort()
                 shutil.rmtree(folder / "data", ignore_errors=True)
-            writer = _new_writer(source, table, folder, out_schema, settings, token)
+            writer = _new_writer(source, table, folder, out_schema, settings, token, lake)
             if rejects is not None:
                 rejects.discard()
             outcome.rows, outcome.rejects = 0, Counter()

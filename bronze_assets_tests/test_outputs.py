@@ -676,6 +676,33 @@ def test_an_aborted_writer_leaves_no_rows_set_aside(tmp_path):
     assert not (tmp_path / "out" / "_spill").exists()
 
 
+def test_the_partition_folders_of_both_outputs_are_made_while_a_source_streams(tmp_path):
+    """The writer has its partitions' folders made in the outputs as it meets them, so that
+    publishing only links files into them; an aborted writer removes those still empty and
+    leaves the ones that hold files (from earlier sources) as they are."""
+    from bronze_assets.lake import FolderMaker
+
+    roots = [tmp_path / "delta" / "t", tmp_path / "parquet" / "t"]
+    kept = roots[1] / "day=2024-01-02" / "earlier.parquet"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"x")
+    schema, writer = _spilling_writer(tmp_path, folders=FolderMaker(roots))
+    _feed(writer, schema, 200)
+    writer.close()
+    for root in roots:
+        assert sorted(p.name for p in root.iterdir()) == [f"day=2024-01-0{d}" for d in range(1, 5)]
+    schema, writer = _spilling_writer(tmp_path / "again", folders=FolderMaker(roots))
+    for root in roots:  # a fresh pair of outputs for the aborted writer
+        for d in range(1, 5):
+            folder = root / f"day=2024-01-0{d}"
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    _feed(writer, schema, 200)
+    writer.abort()
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.glob("*/t/*"))] == ["parquet/t/day=2024-01-02"]
+    assert kept.read_bytes() == b"x"
+
+
 @pytest.mark.parametrize("table_name", ["sensors", "orders"])
 def test_a_validated_batch_comes_out_valid_rows_first_grouped_by_partition_then_rejects_in_record_order(table_name):
     """The validating statement keeps record order and the rows are put in write order after it:
