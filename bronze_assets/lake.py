@@ -292,13 +292,17 @@ class PartitionedWriter:
                 self._close(next(iter(self._open)))
             state = self._open[key] = _Open(None, None, "", values)
             if self.folders is not None and self.partition_by:
-                self.folders.make("/".join(f"{c}={hive_value(values[c])}" for c in self.partition_by))
+                self.folders.make(self._folder_of(values))
         state.pending.append(part)
         state.pending_rows += part.num_rows
         state.pending_bytes += nbytes
         self._buffered += nbytes
         if state.pending_rows + state.spilled_rows >= self.row_group_rows:
             self._flush(key)
+
+    def _folder_of(self, values: dict[str, object]) -> str:
+        """A partition's hive folder, relative to the table's (empty when unpartitioned)."""
+        return "/".join(f"{c}={hive_value(values[c])}" for c in self.partition_by)
 
     def _take_pending(self, state: _Open) -> pa.Table:
         data = pa.concat_tables(state.pending)  # the chunks as they are: no copy
@@ -370,7 +374,7 @@ class PartitionedWriter:
             with self._lock:
                 self._seq += 1
                 seq = self._seq
-            dirs = "/".join(f"{c}={hive_value(state.values[c])}" for c in self.partition_by)
+            dirs = self._folder_of(state.values)
             name = f"{self.prefix}-{seq:05d}.parquet"
             state.relpath = f"{dirs}/{name}" if dirs else name
             with self._lock:

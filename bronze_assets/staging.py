@@ -221,7 +221,7 @@ class Batch:
                 partition_by=self.table.partition_by,
                 prefix=f"{SHARED_PREFIX}{token}",
                 target_file_bytes=target_file_bytes,
-                folders=lake.folder_maker(self.table.name) if self.table.partition_by else None,
+                folders=lake.folder_maker(self.table.name),
             )
         for held in staged.buffered:
             self._rows.append(held)
@@ -627,7 +627,7 @@ def _new_writer(
             partition_by=table.partition_by,
             prefix=f"{source_id(source.src_path)}-{token}",
             target_file_bytes=settings.target_file_bytes,
-            folders=lake.folder_maker(table.name) if table.partition_by else None,
+            folders=lake.folder_maker(table.name),
         )
 
     if table.write_mode == "upsert":
