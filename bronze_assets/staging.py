@@ -292,10 +292,13 @@ def stage_source(
     run_id: str,
     progress: Progress,
     opener: Callable[[RawSource], Reading] | None = None,
+    checksum: Callable[[], str] | None = None,
 ) -> Staged:
     """Read and validate one source; unless dry, write its files and rejects under staging. A
     small source of an appended table is only read: it is validated with the others of its
-    batch (``staged.held`` until then)."""
+    batch (``staged.held`` until then). ``checksum``, when given, is asked for the content's
+    checksum once the source is staged (it is being computed meanwhile); a source whose
+    checksum cannot be computed fails and loads nothing."""
     started = time.monotonic()
     mode = settings.validation_mode or table.validation_mode
     ingestion_ts = dt.datetime.now(dt.UTC)
@@ -316,6 +319,7 @@ def stage_source(
             if rest is None:
                 _unchanged_while_read(source)
                 staged.held = _Held(reading.raw_kind, held, ingestion_ts, rejects, mode, started, sum(b.num_rows for b in held))
+                _settle_checksum(staged, checksum)
                 step("stage.read")
                 return staged
             batches = itertools.chain(held, rest)
@@ -340,7 +344,21 @@ def stage_source(
         _failed(staged, exc.detail if isinstance(exc, SourceFailed) else f"reading: {type(exc).__name__}: {exc}")
         writer = None
     _finish_staging(staged, writer, rejects, mode, started)
+    _settle_checksum(staged, checksum)
     return staged
+
+
+def _settle_checksum(staged: Staged, checksum: Callable[[], str] | None) -> None:
+    """Take the checksum computed while the source was staged; if it could not be (the file
+    unreadable meanwhile), the source fails and what it staged is left out."""
+    if checksum is None:
+        return
+    try:
+        staged.checksum = checksum()
+    except OSError as exc:
+        if staged.outcome.status != "failed":
+            _failed(staged, f"checksum: {exc.strerror or exc}")
+            staged.files, staged.buffered, staged.rejects_path = [], [], None
 
 
 def _unchanged_while_read(source: RawSource) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bronze_assets.cli import main
+from bronze_assets.ingest import RunResult, Session
 from bronze_assets_tests.runhelpers import (
     ORDERS_HEADER,
     Env,
@@ -280,6 +281,73 @@ def test_identical_bytes_in_another_table_are_not_a_duplicate(env):
     assert res[A].status == "success"
     # products lacks its required columns in this file: rejected, never 'duplicate'
     assert res["products/orders_like.csv"].status == "rejected"
+
+
+# --- checksums --------------------------------------------------------------------------------
+
+
+def _run_after_listing(env: Env, then) -> RunResult:
+    """A run whose sources are listed, then ``then()`` is called before they are staged."""
+    with Session(env.settings()) as session:
+        then()
+        for batch in session.batches(session.sources):
+            session.publish(batch)
+            session.finish(batch)
+        return session.result()
+
+
+def test_a_source_gone_after_listing_fails_alone_and_the_others_load(env):
+    big = orders_csv(range(1, 200))
+    write(env.raw / A, orders_csv(range(1, 4)))
+    write(env.raw / B, big)  # no ingested source has its size: checksummed while it is staged
+
+    res = _run_after_listing(env, lambda: (env.raw / A).unlink())
+    out = by_src(res)
+    assert out[A].status == "failed" and out[A].rows == 0
+    assert "\n" not in out[A].error and "No such file" in out[A].error
+    assert (out[B].status, out[B].rows) == ("success", 199)
+    assert res.exit_code == 2
+    rows = env.manifest_rows()
+    assert rows[A]["status"] == "failed"
+    assert rows[B]["file_checksum"] == sha256(big)
+    assert {s for s, _ in pairs(env.parquet("orders"))} == {B}
+
+
+def test_a_changed_source_gone_before_its_checksum_keeps_what_it_loaded(env):
+    # The changed file has the size of an ingested one, so its checksum is needed before it is
+    # staged (it could be a duplicate); the file goes away first.
+    write(env.raw / A, orders_csv(range(1, 4)))
+    env.run()
+    write(env.raw / A, orders_csv(range(4, 7)), age_s=5)  # same length, other content
+
+    res = _run_after_listing(env, lambda: (env.raw / A).unlink())
+    assert [(o.src_path, o.status) for o in res.outcomes] == [(A, "failed")]
+    assert res.outcomes[0].error == "not readable since it was listed: No such file or directory"
+    assert order_ids(env, A) == order_ids(env, A, output="delta") == {1, 2, 3}
+    assert env.manifest_rows()[A]["status"] == "failed"
+
+
+def test_a_checksum_that_fails_while_its_source_is_staged_loads_nothing(env, monkeypatch):
+    import bronze_assets.ingest as ingest
+
+    data = orders_csv(range(1, 50))
+    write(env.raw / A, data)
+
+    def unreadable(path: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ingest, "sha256_file", unreadable)
+    res = env.run()
+    assert [(o.src_path, o.status, o.error) for o in res.outcomes] == [(A, "failed", "checksum: Permission denied")]
+    assert env.delta_version("orders") in (None, 0)
+    assert not (env.delta_dir("orders").exists() and env.delta("orders").num_rows)
+    assert env.manifest_rows()[A]["status"] == "failed"
+
+    monkeypatch.undo()
+    res = env.run()
+    assert [(o.src_path, o.status, o.rows) for o in res.outcomes] == [(A, "success", 49)]
+    assert env.manifest_rows()[A]["file_checksum"] == sha256(data)
+    assert sorted(order_ids(env, A)) == list(range(1, 50))
 
 
 # --- --reprocess ------------------------------------------------------------------------------
