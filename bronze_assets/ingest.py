@@ -127,6 +127,15 @@ def recover(lake: Lake, tables: Sequence[Table], *, run_id: str) -> None:
         lake.remove_empty_staging()
 
 
+def _kept_if_gone(staged: Staged) -> Staged:
+    """A source that failed because its file went away while it was staged keeps what it
+    loaded before, as a file removed between runs does (a run withdraws a source's rows only
+    for new content of it)."""
+    if staged.outcome.status == "failed" and not staged.source.path.exists():
+        staged.replace = False
+    return staged
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -318,7 +327,7 @@ class Session:
                 source, table, lake=self.lake, settings=settings, run_id=self.run_id, progress=self.say,
                 checksum=pending.result,
             )  # fmt: skip
-            state.set(_manifest_row(source, staged.outcome, staged.checksum, self.run_id))
+            state.set(_manifest_row(source, _kept_if_gone(staged).outcome, staged.checksum, self.run_id))
             yield staged
             return
         try:
@@ -348,7 +357,9 @@ class Session:
             self.say(f"{path}: duplicate of {original}")
             yield staged
             return
-        staged = stage_source(source, table, lake=self.lake, settings=settings, run_id=self.run_id, progress=self.say)
+        staged = _kept_if_gone(
+            stage_source(source, table, lake=self.lake, settings=settings, run_id=self.run_id, progress=self.say)
+        )
         staged.checksum = checksum
         state.set(_manifest_row(source, staged.outcome, checksum, self.run_id))
         yield staged

@@ -327,6 +327,18 @@ def test_a_changed_source_gone_before_its_checksum_keeps_what_it_loaded(env):
     assert env.manifest_rows()[A]["status"] == "failed"
 
 
+def test_a_changed_source_gone_while_it_is_staged_keeps_what_it_loaded(env):
+    write(env.raw / A, orders_csv(range(1, 4)))
+    env.run()
+    write(env.raw / A, orders_csv(range(1, 40)), age_s=5)  # a new size: checksummed while staged
+    versions = env.delta_versions()
+
+    res = _run_after_listing(env, lambda: (env.raw / A).unlink())
+    assert [(o.src_path, o.status) for o in res.outcomes] == [(A, "failed")]
+    assert order_ids(env, A) == order_ids(env, A, output="delta") == {1, 2, 3}
+    assert env.delta_versions() == versions
+
+
 def test_a_checksum_that_fails_while_its_source_is_staged_loads_nothing(env, monkeypatch):
     import bronze_assets.ingest as ingest
 
