@@ -41,6 +41,7 @@ CHUNK_BYTES = 16 << 20
 MAX_RECORD_BYTES = 512 << 20
 XLSX_BATCH_ROWS = 20_000
 JSON_BATCH_RECORDS = 50_000
+MAX_JSON_ELEMENT_CHARS = 64 << 20  # a JSON array element longer than this is malformed
 BOM = b"\xef\xbb\xbf"
 QUOTE, COMMA, LF, CR = 34, 44, 10, 13
 
@@ -502,9 +503,9 @@ def read_json_array(source: RawSource, *, chunk_chars: int = 1 << 20) -> Reading
         raws: list[str] = []
         bads: list[str | None] = []
 
-        def more() -> bool:
+        def more(size: int | None = None) -> bool:
             nonlocal buf, pos, eof
-            data = text.read(chunk_chars)
+            data = text.read(size or chunk_chars)
             if not data:
                 eof = True
                 return False
@@ -527,6 +528,7 @@ def read_json_array(source: RawSource, *, chunk_chars: int = 1 << 20) -> Reading
             raws, bads = [], []
             return out
 
+        closed = False
         try:
             skip_ws()
             if pos >= len(buf):
@@ -541,6 +543,8 @@ def read_json_array(source: RawSource, *, chunk_chars: int = 1 << 20) -> Reading
             while True:
                 skip_ws()
                 if top_array and pos < len(buf) and buf[pos] == "]":
+                    pos += 1
+                    closed = True
                     break
                 if pos >= len(buf):
                     if top_array:
@@ -552,13 +556,28 @@ def read_json_array(source: RawSource, *, chunk_chars: int = 1 << 20) -> Reading
                 while True:
                     try:
                         _, end = decoder.raw_decode(buf, pos)
-                        break
+                        # Every other value ends with a character of its own; a number read up
+                        # to near the end of the buffer may go on past it ("-6." then "75e3").
+                        number = buf[pos] in "-0123456789"
+                        if not number or len(buf) - end > 64 or eof or not more():
+                            break
+                        start = pos
+                        continue
                     except json.JSONDecodeError as exc:
-                        if eof or not more():
+                        # The element may only be cut by the end of what was read: read as much
+                        # again (so that a long element is decoded a bounded number of times),
+                        # up to MAX_JSON_ELEMENT_CHARS, past which it is malformed.
+                        held = len(buf) - pos
+                        room = MAX_JSON_ELEMENT_CHARS + 1 - held
+                        if eof or room <= 0 or not more(min(max(chunk_chars, held), room)):
                             row += 1
-                            tail = buf[start:][: 1 << 20]
-                            raws.append(tail.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
-                            bads.append(f"invalid JSON: {exc.msg}")
+                            raws.append(_escaped(buf[pos:][: 1 << 20]))
+                            why = (
+                                f"invalid JSON: {exc.msg}"
+                                if held <= MAX_JSON_ELEMENT_CHARS
+                                else f"invalid JSON, or an element longer than {MAX_JSON_ELEMENT_CHARS} characters"
+                            )
+                            bads.append(f"{why}; the rest of the file is this record (reading stops here)")
                             end = -1
                             break
                         start = pos
@@ -567,7 +586,7 @@ def read_json_array(source: RawSource, *, chunk_chars: int = 1 << 20) -> Reading
                 row += 1
                 element = buf[start:end]
                 if _SURROGATE.search(element):
-                    raws.append(element.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+                    raws.append(_escaped(element))
                     bads.append("bytes that are not valid UTF-8")
                 else:
                     raws.append(element)
@@ -576,16 +595,31 @@ def read_json_array(source: RawSource, *, chunk_chars: int = 1 << 20) -> Reading
                 if len(raws) >= JSON_BATCH_RECORDS:
                     yield flush()
                 if not top_array:
+                    closed = True
                     break
                 skip_ws()
                 if pos < len(buf) and buf[pos] == ",":
                     pos += 1
+            if closed:
+                skip_ws()
+                if pos < len(buf):  # more after the array (or object): one record, not dropped
+                    while len(buf) - pos < 1 << 20 and more():
+                        pass
+                    row += 1
+                    raws.append(_escaped(buf[pos:][: 1 << 20]))
+                    what = "array" if top_array else "object"
+                    bads.append(f"content after the end of the JSON {what} (the rest of the file is this record)")
             if raws:
                 yield flush()
         finally:
             fh.close()
 
     return Reading([], guarded(source, batches()), "json")
+
+
+def _escaped(text: str) -> str:
+    """Text decoded with ``surrogateescape``, its undecodable bytes as \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # --------------------------------------------------------------------------------------------

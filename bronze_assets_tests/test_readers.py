@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import random
 from pathlib import Path
 
@@ -167,6 +168,80 @@ def test_json_array_broken_midway_is_one_malformed_tail(tmp_path: Path) -> None:
     assert rows[0]["_bad"] is None
     assert rows[1]["_bad"] is not None and rows[1]["_row"] == 2
     assert len(rows) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "after"),
+    [
+        ('[{"a": 1}] [{"a": 2}]', '[{"a": 2}]'),
+        ('{"a": 1}\n{"a": 2}\n', '{"a": 2}\n'),
+        ('[{"a": 1}]\n\t \n', None),
+    ],
+    ids=["two-arrays", "two-objects", "trailing-whitespace"],
+)
+def test_json_content_after_the_top_level_value_is_a_malformed_record(
+    tmp_path: Path, text: str, after: str | None
+) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(text)
+    rows = _rows(list(read_json_array(_source(path, "json"), chunk_chars=4).batches))
+    assert (rows[0]["_raw"], rows[0]["_bad"]) == ('{"a": 1}', None)
+    if after is None:
+        assert len(rows) == 1
+    else:
+        assert len(rows) == 2 and rows[1]["_row"] == 2
+        assert rows[1]["_raw"] == after
+        assert rows[1]["_bad"].startswith("content after the end of the JSON")
+
+
+@pytest.mark.parametrize("chunk_chars", [1, 2, 3, 5, 1 << 20])
+def test_json_array_number_elements_are_whole_whatever_the_chunks(tmp_path: Path, chunk_chars: int) -> None:
+    path = tmp_path / "s.json"
+    path.write_text('[12345, -6.75e3, {"a": 1}, true, 789]')
+    rows = _rows(list(read_json_array(_source(path, "json"), chunk_chars=chunk_chars).batches))
+    assert [r["_raw"] for r in rows] == ["12345", "-6.75e3", '{"a": 1}', "true", "789"]
+
+
+def test_json_array_long_elements_are_read_whole_up_to_a_bound(tmp_path: Path, monkeypatch) -> None:
+    import bronze_assets.readers as readers
+
+    monkeypatch.setattr(readers, "MAX_JSON_ELEMENT_CHARS", 50_000)
+    long_ok = {"a": "x" * 30_000}
+    too_long = {"a": "y" * 80_000}
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps([long_ok, {"b": 1}, too_long, {"c": 2}]))
+    rows = _rows(list(read_json_array(_source(path, "json"), chunk_chars=3).batches))
+    assert [json.loads(r["_raw"]) for r in rows[:2]] == [long_ok, {"b": 1}]
+    assert rows[0]["_bad"] is None and rows[1]["_bad"] is None
+    # past the bound: one malformed record holding the rest of the file, and reading stops
+    assert len(rows) == 3 and rows[2]["_row"] == 3
+    assert "longer than 50000 characters" in rows[2]["_bad"]
+    assert rows[2]["_raw"].startswith('{"a": "yyy')
+
+
+def test_json_array_broken_element_early_in_a_long_file_is_read_in_linear_time(tmp_path: Path) -> None:
+    """The decoder is retried on a buffer that doubles, not one that grows by a chunk: 20,000
+    elements after a broken one, read in chunks of 64 characters, are decoded a few dozen
+    times, not thousands of times."""
+    path = tmp_path / "s.json"
+    path.write_text('[{"a": 1}, {"a": tru}, ' + ", ".join(json.dumps({"i": i}) for i in range(20_000)) + "]")
+    calls = 0
+    real = json.JSONDecoder.raw_decode
+
+    def counting(self, s, idx=0):
+        nonlocal calls
+        calls += 1
+        return real(self, s, idx)
+
+    json.JSONDecoder.raw_decode = counting  # type: ignore[method-assign]
+    try:
+        rows = _rows(list(read_json_array(_source(path, "json"), chunk_chars=64).batches))
+    finally:
+        json.JSONDecoder.raw_decode = real  # type: ignore[method-assign]
+    assert [r["_row"] for r in rows] == [1, 2]
+    assert rows[1]["_bad"].startswith("invalid JSON")
+    assert rows[1]["_raw"].startswith('{"a": tru}, {"i": 0}')
+    assert calls < 40
 
 
 def test_discovery_rules(tmp_path: Path) -> None:
