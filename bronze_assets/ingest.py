@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -313,6 +313,7 @@ class Session:
         ):
             self._unchanged[path] = source.table
             return
+        checksum_of: Callable[[], str]
         if not (
             state.may_hold(source.table, source.size, other_than=path)
             or (prev and not forced and prev.status in INGESTED and prev.file_size_bytes == source.size)
@@ -321,47 +322,44 @@ class Session:
             # is computed while the source is staged, on a thread of its own (hashlib lets go
             # of the GIL), instead of before it on one core with the other idle: 0.36 s for
             # 420 MB here. It is only recorded.
-            self._unchanged.pop(path, None)
-            pending = self._checksums().submit(sha256_file, source.path)
-            staged = stage_source(
-                source, table, lake=self.lake, settings=settings, run_id=self.run_id, progress=self.say,
-                checksum=pending.result,
-            )  # fmt: skip
-            state.set(_manifest_row(source, _kept_if_gone(staged).outcome, staged.checksum, self.run_id))
-            yield staged
-            return
-        try:
-            checksum = sha256_file(source.path)
-        except OSError as exc:
-            yield self._gone(source, table, exc)
-            return
-        if prev and not forced and prev.file_checksum == checksum and prev.status in INGESTED:
-            self.manifest.touch(path, mtime_ns=source.mtime_ns)
-            self._unchanged[path] = source.table
-            return
-        self._unchanged.pop(path, None)
-        original = state.holder(source.table, checksum, other_than=path)
-        if original is not None:
-            if prev and prev.status == "duplicate" and prev.file_checksum == checksum and prev.duplicate_of == original:
+            checksum_of = self._checksums().submit(sha256_file, source.path).result
+        else:
+            try:
+                checksum = sha256_file(source.path)
+            except OSError as exc:
+                yield self._gone(source, table, exc)
+                return
+            if prev and not forced and prev.file_checksum == checksum and prev.status in INGESTED:
+                self.manifest.touch(path, mtime_ns=source.mtime_ns)
                 self._unchanged[path] = source.table
                 return
-            outcome = Outcome(path, source.table, "duplicate", duplicate_of=original)
-            # A path that held other content before gives those rows up.
-            staged = Staged(source, table, outcome, self.run_id, checksum=checksum)
-            staged.replace = bool(prev and prev.status in INGESTED)
-            if staged.replace and not settings.dry_run:
-                # The staging folder marks the withdrawal as under way until it is finished.
-                staged.folder = self.lake.staging_root / uuid.uuid4().hex[:12]
-                staged.folder.mkdir(parents=True)
-            state.set(_manifest_row(source, outcome, checksum, self.run_id))
-            self.say(f"{path}: duplicate of {original}")
-            yield staged
-            return
+            self._unchanged.pop(path, None)
+            original = state.holder(source.table, checksum, other_than=path)
+            if original is not None:
+                if prev and prev.status == "duplicate" and prev.file_checksum == checksum and prev.duplicate_of == original:
+                    self._unchanged[path] = source.table
+                    return
+                outcome = Outcome(path, source.table, "duplicate", duplicate_of=original)
+                # A path that held other content before gives those rows up.
+                staged = Staged(source, table, outcome, self.run_id, checksum=checksum)
+                staged.replace = bool(prev and prev.status in INGESTED)
+                if staged.replace and not settings.dry_run:
+                    # The staging folder marks the withdrawal as under way until it is finished.
+                    staged.folder = self.lake.staging_root / uuid.uuid4().hex[:12]
+                    staged.folder.mkdir(parents=True)
+                state.set(_manifest_row(source, outcome, checksum, self.run_id))
+                self.say(f"{path}: duplicate of {original}")
+                yield staged
+                return
+            checksum_of = lambda: checksum  # noqa: E731
+        self._unchanged.pop(path, None)
         staged = _kept_if_gone(
-            stage_source(source, table, lake=self.lake, settings=settings, run_id=self.run_id, progress=self.say)
-        )
-        staged.checksum = checksum
-        state.set(_manifest_row(source, staged.outcome, checksum, self.run_id))
+            stage_source(
+                source, table, lake=self.lake, settings=settings, run_id=self.run_id, progress=self.say,
+                checksum=checksum_of,
+            )
+        )  # fmt: skip
+        state.set(_manifest_row(source, staged.outcome, staged.checksum, self.run_id))
         yield staged
 
     def _checksums(self) -> ThreadPoolExecutor:
