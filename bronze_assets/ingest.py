@@ -254,9 +254,15 @@ class Session:
         try:
             self._open()
         except BaseException:
+            self._release()
             self._lock.__exit__(None, None, None)
             raise
         return self
+
+    def _release(self) -> None:
+        manifest: Manifest | None = getattr(self, "manifest", None)  # set by _open
+        if manifest is not None:
+            manifest.release()
 
     def _open(self) -> None:
         settings = self.settings
@@ -271,7 +277,8 @@ class Session:
             ),
             key=_order,
         )
-        self.manifest = Manifest(settings.manifest, read_only=settings.dry_run, connector=self._connector)
+        # Held open for the run (released in __exit__, before the lock).
+        self.manifest = Manifest(settings.manifest, read_only=settings.dry_run, connector=self._connector, hold=True)
         self.lake = Lake(settings.lake)
         if not settings.dry_run:
             recover(self.lake, TABLES, run_id=self.run_id)
@@ -287,7 +294,10 @@ class Session:
             if not self.settings.dry_run:
                 self.lake.remove_empty_staging()
         finally:
-            self._lock.__exit__(exc_type, exc, tb)
+            try:
+                self._release()
+            finally:
+                self._lock.__exit__(exc_type, exc, tb)
 
     # -- planning and staging ------------------------------------------------------------------
 

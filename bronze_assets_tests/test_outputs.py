@@ -536,6 +536,40 @@ def test_partitioned_writer_makes_one_file_per_partition_in_input_order(tmp_path
         assert got.schema.names == ["k", "name"]
 
 
+def test_text_columns_are_dictionary_encoded_only_where_their_values_repeat(tmp_path):
+    """A file keeps Parquet's dictionary for a text column whose first rows repeat values, and
+    stores a column of unique values (and the per-row audit columns) plain; the values read
+    back the same either way."""
+    from bronze_assets.lake import PartitionedWriter
+
+    n = 5_000
+    schema = pa.schema(
+        [("id", pa.string()), ("kind", pa.string()), ("empty", pa.string()), ("src_row_hash", pa.string()), ("day", pa.date32())]
+    )
+    data = {
+        "id": [f"evt-{i:08d}" for i in range(n)],
+        "kind": [("view", "click", "buy")[i % 3] for i in range(n)],
+        "empty": [None] * n,
+        "src_row_hash": [hashlib.md5(str(i).encode()).hexdigest() for i in range(n)],
+        "day": [dt.date(2024, 1, 1 + i % 2) for i in range(n)],
+    }
+    writer = PartitionedWriter(tmp_path / "out", schema, partition_by=("day",), prefix="t")
+    writer.write(pa.table(data, schema=schema))
+    files = writer.close()
+    assert len(files) == 2
+    for f in files:
+        meta = pq.ParquetFile(f.staged_path(tmp_path / "out")).metadata
+        columns = {meta.row_group(0).column(c).path_in_schema: meta.row_group(0).column(c) for c in range(meta.num_columns)}
+        assert columns["kind"].has_dictionary_page and columns["empty"].has_dictionary_page
+        assert not columns["id"].has_dictionary_page and not columns["src_row_hash"].has_dictionary_page
+        got = pq.read_table(f.staged_path(tmp_path / "out"))
+        day = dt.date.fromisoformat(f.partition_values["day"])
+        rows = [i for i in range(n) if data["day"][i] == day]
+        assert got.column("id").to_pylist() == [data["id"][i] for i in rows]
+        assert got.column("kind").to_pylist() == [data["kind"][i] for i in rows]
+        assert got.column("empty").null_count == len(rows)
+
+
 def test_rows_keep_record_order_within_each_partition_and_rejects_keep_record_order(lake_run):
     """The validating statement orders its result by validity and partition: each partition's
     rows must still be in record order in its file, and the rejects CSV in record order."""
