@@ -160,10 +160,8 @@ def kill_after(cmd: list[str], seconds: float) -> int:
 
 def _rows(table: pa.Table) -> list[tuple[Any, ...]]:
     names = sorted(c for c in table.column_names if c != "ingestion_ts")
-    return sorted(
-        (tuple(r[c] for c in names) for r in table.select(names).to_pylist()),
-        key=lambda t: tuple((v is None, str(v)) for v in t),
-    )
+    columns = [table.column(c).to_pylist() for c in names]  # by column: no dict per row
+    return sorted(zip(*columns, strict=True), key=lambda t: tuple((v is None, str(v)) for v in t))
 
 
 def _referenced(delta_dir: Path) -> set[str]:
