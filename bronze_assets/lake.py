@@ -52,6 +52,8 @@ TARGET_FILE_BYTES = 128 << 20
 ROW_GROUP_ROWS = 262_144
 BUFFER_BYTES = 128 << 20  # BRONZE_WRITER_BUFFER_MB overrides it (see writer_buffer_bytes)
 SPILL_DIR = "_spill"  # inside a writer's directory: rows set aside on disk until their row group fills
+SPILL_WRITE_BYTES = 4 << 20  # writes into a spill file are gathered up to this size
+FILE_WRITE_BYTES = 256 << 10  # ... and into a data file up to this (one buffer per open file)
 MAX_OPEN_FILES = 4096  # Parquet files a writer keeps open at once (one per partition being written)
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 STRING_STAT_CHARS = 32
@@ -346,18 +348,22 @@ class PartitionedWriter:
         if not self._spill_files:
             folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{seq:05d}.arrow"
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, self.file_schema) as out:
-            # The schema goes out with the first batch: an empty one, so that every partition's
-            # batches start past it.
-            out.write_batch(pa.RecordBatch.from_pylist([], schema=self.file_schema))
-            for key in keys:
-                state = self._open[key]
-                data = self._take_pending(state)
-                for batch in data.to_batches():
-                    at = sink.tell()
-                    out.write_batch(batch)  # written through: the file is unbuffered
-                    state.spilled.append((seq, at, sink.tell() - at))
-                state.spilled_rows += data.num_rows
+        # Buffered: the IPC writer writes every buffer of every batch on its own (a few KB for a
+        # partition's slice of a batch), and each small write into a new page of the file makes
+        # the kernel clear the page first.
+        with pa.OSFile(str(path), "wb") as raw, pa.BufferedOutputStream(raw, SPILL_WRITE_BYTES) as sink:
+            with pa.ipc.new_stream(sink, self.file_schema) as out:
+                # The schema goes out with the first batch: an empty one, so that every
+                # partition's batches start past it.
+                out.write_batch(pa.RecordBatch.from_pylist([], schema=self.file_schema))
+                for key in keys:
+                    state = self._open[key]
+                    data = self._take_pending(state)
+                    for batch in data.to_batches():
+                        at = sink.tell()
+                        out.write_batch(batch)
+                        state.spilled.append((seq, at, sink.tell() - at))
+                    state.spilled_rows += data.num_rows
         with self._lock:
             self._spill_files[seq] = _SpillFile(path, len(keys))
 
@@ -379,7 +385,7 @@ class PartitionedWriter:
                     if spill_file.holders == 0:
                         spill_file.path.unlink()
                         del self._spill_files[seq]
-        batches = [pa.ipc.read_record_batch(maps[seq].read_at(length, at), self.file_schema) for seq, at, length in state.spilled]
+        batches = [pa.ipc.read_record_batch(_mapped(maps[seq], at, length), self.file_schema) for seq, at, length in state.spilled]
         state.spilled, state.spilled_rows = [], 0
         return pa.Table.from_batches(batches, schema=self.file_schema)
 
@@ -403,7 +409,8 @@ class PartitionedWriter:
                 if not self._directory_made:
                     self.directory.mkdir(parents=True, exist_ok=True)
                     self._directory_made = True
-            state.sink = pa.OSFile(str(self.directory / name), "wb")
+            # Buffered, as the spill is: the Parquet writer writes each page and header on its own.
+            state.sink = pa.BufferedOutputStream(pa.OSFile(str(self.directory / name), "wb"), FILE_WRITE_BYTES)
             state.writer = pq.ParquetWriter(
                 state.sink,
                 self.file_schema,
@@ -465,6 +472,13 @@ class PartitionedWriter:
         shutil.rmtree(self.directory / SPILL_DIR, ignore_errors=True)
         if self.folders is not None:
             self.folders.close(remove_empty=True)
+
+
+def _mapped(mapping: pa.MemoryMappedFile, at: int, length: int) -> pa.Buffer:
+    """Bytes of a memory-mapped file as a slice of the mapping (``read_at`` copies them into a
+    new object)."""
+    mapping.seek(at)
+    return mapping.read_buffer(length)
 
 
 WRITER_THREADS = 2
