@@ -323,7 +323,7 @@ def stage_source(
                 step("stage.read")
                 return staged
             batches = itertools.chain(held, rest)
-        writer = _new_writer(source, table, folder, staged.schema, settings, token, lake)
+        writer = _new_writer(source, table, folder, staged.schema, settings, token, lake, ingestion_ts)
         staged.columns, writer = _stream(
             source, table, batches, reading.raw_kind, staged.columns, force, staged.schema, folder, rejects, outcome,
             settings, ingestion_ts, token, progress, opener, writer, lake,
@@ -633,7 +633,14 @@ def _plan(reading: Reading, table: Table) -> tuple[list[str], tuple[str, str] | 
 
 
 def _new_writer(
-    source: RawSource, table: Table, folder: Path, schema: pa.Schema, settings: Settings, token: str, lake: Lake
+    source: RawSource,
+    table: Table,
+    folder: Path,
+    schema: pa.Schema,
+    settings: Settings,
+    token: str,
+    lake: Lake,
+    ingestion_ts: dt.datetime,
 ) -> Writer:
     if settings.dry_run:
         return _Counting()
@@ -646,6 +653,7 @@ def _new_writer(
             prefix=f"{source_id(source.src_path)}-{token}",
             target_file_bytes=settings.target_file_bytes,
             folders=lake.folder_maker(table.name),
+            constants={"src_filename": source.src_path, "ingestion_ts": ingestion_ts},  # its rows are all this source's
         )
 
     if table.write_mode == "upsert":
@@ -682,7 +690,7 @@ def _stream(
             if isinstance(writer, PartitionedWriter | _Deferred):
                 writer.abort()
                 shutil.rmtree(folder / "data", ignore_errors=True)
-            writer = _new_writer(source, table, folder, out_schema, settings, token, lake)
+            writer = _new_writer(source, table, folder, out_schema, settings, token, lake, ingestion_ts)
             if rejects is not None:
                 rejects.discard()
             outcome.rows, outcome.rejects = 0, Counter()

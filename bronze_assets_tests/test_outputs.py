@@ -702,6 +702,47 @@ def test_rows_set_aside_on_disk_are_written_once_a_row_group_fills(tmp_path):
         assert pf.read().column("k").to_pylist() == [i for i in range(n) if days[i] == day]
 
 
+def test_a_writer_of_one_source_carries_its_constant_columns_only_in_the_files(tmp_path):
+    """Columns the caller declares constant (a source's name and ingestion time) are not set
+    aside on disk with the rows; every file gets them back, typed and in schema order, however
+    many row groups and spills its rows went through."""
+    from bronze_assets.lake import PartitionedWriter
+
+    ts = dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC)
+    schema = pa.schema([("k", pa.int64()), ("src", pa.string()), ("ts", pa.timestamp("us", tz="UTC")), ("day", pa.date32())])
+    writer = PartitionedWriter(
+        tmp_path / "out", schema, partition_by=("day",), prefix="t", buffer_bytes=1, row_group_rows=300,
+        constants={"src": "orders/a.csv", "ts": ts},
+    )  # fmt: skip
+    n, looked = 2_000, 0
+    days = [dt.date(2024, 1, 1 + i % 4) for i in range(n)]
+    for start in range(0, n, 30):
+        stop = min(n, start + 30)
+        writer.write(pa.table({"k": range(start, stop), "src": ["orders/a.csv"] * (stop - start), "ts": [ts] * (stop - start), "day": days[start:stop]}, schema=schema))
+        spills = sorted((tmp_path / "out" / "_spill").glob("*.arrow"))
+        if spills:  # what is set aside holds the other columns only
+            with pa.memory_map(str(spills[-1])) as m:
+                assert pa.ipc.open_stream(m).schema.names == ["k"]
+            looked += 1
+    assert looked
+    files = writer.close()
+    assert sum(f.rows for f in files) == n
+    for f in files:
+        pf = pq.ParquetFile(f.staged_path(tmp_path / "out"))
+        assert pf.metadata.num_row_groups > 1
+        got = pf.read()
+        assert got.schema == pa.schema([("k", pa.int64()), ("src", pa.string()), ("ts", pa.timestamp("us", tz="UTC"))])
+        day = dt.date.fromisoformat(f.partition_values["day"])
+        assert got.column("k").to_pylist() == [i for i in range(n) if days[i] == day]
+        assert set(got.column("src").to_pylist()) == {"orders/a.csv"} and set(got.column("ts").to_pylist()) == {ts}
+        assert json.loads(f.stats)["minValues"]["src"] == "orders/a.csv"
+    # Rows that do not hold the declared value are a caller's mistake, refused before buffering.
+    writer = PartitionedWriter(tmp_path / "again", schema, partition_by=("day",), prefix="t", constants={"src": "orders/a.csv", "ts": ts})
+    with pytest.raises(ValueError, match="src is not"):
+        writer.write(pa.table({"k": [1, 2], "src": ["orders/a.csv", "orders/b.csv"], "ts": [ts, ts], "day": days[:2]}, schema=schema))
+    writer.abort()
+
+
 def test_an_aborted_writer_leaves_no_rows_set_aside(tmp_path):
     schema, writer = _spilling_writer(tmp_path)
     _feed(writer, schema, 500)
