@@ -533,7 +533,7 @@ class Validator:
                 ok = con.sql("SELECT coalesce(json_valid(_raw), false) FROM src").to_arrow_table().column(0)
             finally:
                 con.unregister("src")
-            data = data.append_column("_j", pc.if_else(ok, data.column("_raw"), pa.scalar(None, pa.string())))
+            data = data.append_column("_j", _where(ok, data.column("_raw")))
         # Several smaller batches let DuckDB spread the statement over its threads.
         con.register("src", pa.Table.from_batches(data.to_batches(max_chunksize=SCAN_ROWS), schema=data.schema))
         try:
@@ -643,6 +643,21 @@ class Validator:
 _ITS = pa.timestamp("us", tz="UTC")
 # The columns that hold one value over a source's batch: any order of their rows is the same column.
 _ONE_VALUE = frozenset(("src_filename", "ingestion_ts"))
+
+
+def _where(keep: pa.ChunkedArray, text: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """``text`` where ``keep`` is true, null elsewhere. A text column of one chunk keeps its
+    offsets and bytes under a validity bitmap of its own (``if_else`` copies every value: the
+    whole of a JSON source's text, once more)."""
+    if text.num_chunks != 1 or keep.null_count:
+        return pc.if_else(keep, text, pa.scalar(None, text.type))
+    values = text.chunk(0)
+    bits = np.zeros(values.offset + len(values), dtype=bool)  # read from the values' offset
+    bits[values.offset :] = keep.to_numpy()
+    if values.null_count:
+        bits[values.offset :] &= values.is_valid().to_numpy(zero_copy_only=False)
+    bitmap = pa.array(bits).buffers()[1]
+    return pa.Array.from_buffers(text.type, len(values), [bitmap, *values.buffers()[1:]], offset=values.offset)
 
 
 def _gathered(column: pa.ChunkedArray, order: pa.Array) -> pa.ChunkedArray | pa.Array:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -871,6 +872,25 @@ def test_gathering_a_text_column_equals_arrows_take(values, sliced):
     order = pa.array(list(range(len(column)))[::-3] + [i for i in range(len(column)) if (len(column) - 1 - i) % 3], pa.int64())
     got = _gathered(column, order)
     assert pa.chunked_array([got]).combine_chunks().equals(column.take(order).combine_chunks())
+
+
+@pytest.mark.parametrize("offset", [0, 3, 8, 13])
+@pytest.mark.parametrize("split_keep", [False, True])
+def test_masking_json_text_equals_if_else(offset, split_keep):
+    """The JSON text handed to DuckDB's JSON functions is the raw text where it parses and null
+    elsewhere: the same bytes under a bitmap of its own, whatever the slice's offset, the raw
+    text's own nulls and the chunks of the mask."""
+    from bronze_assets.validation import _where
+
+    values = [None if i % 7 == 0 else "{}" * (i % 4) for i in range(offset + 40)]
+    text = pa.chunked_array([pa.array(values, pa.string()).slice(offset, 40)])
+    keep = pa.array([i % 3 != 1 for i in range(40)])
+    mask = pa.chunked_array([keep.slice(0, 17), keep.slice(17)] if split_keep else [keep])
+    got = _where(mask, text)
+    got.validate(full=True)
+    assert pa.chunked_array([got]).to_pylist() == pc.if_else(mask, text, pa.scalar(None, pa.string())).to_pylist()
+    if isinstance(got, pa.Array):  # the text's bytes, not a copy of them
+        assert got.buffers()[2].address == text.chunk(0).buffers()[2].address
 
 
 def test_the_row_hash_is_stored_uncompressed_and_the_other_columns_with_snappy(tmp_path):
