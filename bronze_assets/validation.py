@@ -47,6 +47,8 @@ TRUE_WORDS = ("true", "t", "yes", "y", "1")
 FALSE_WORDS = ("false", "f", "no", "n", "0")
 DETAIL_VALUE_CHARS = 200
 SCAN_ROWS = 32_768
+# A JSON source's lines, with _j: the line where it is valid JSON, null elsewhere.
+JSON_SOURCE = "(SELECT *, CASE WHEN json_valid(_raw) THEN _raw END AS _j FROM src)"
 WIDE_RESCUE = 64  # more undeclared columns than this are rescued by an unpivot
 
 
@@ -357,7 +359,11 @@ class Validator:
         if json_mode:
             outer += [ident("h__" + c.name) for c in table.columns if c.required]
         self._outer_all_raw = ", ".join(f"{raw_out} AS _raw_out" if o == raw_for_rejects else o for o in outer)
-        sql = f"SELECT {', '.join(l0)} FROM src"
+        # Only text that parses reaches DuckDB's JSON functions (_j is null elsewhere), so one bad
+        # line cannot fail the batch. _j is made in a projection of its own, below the functions
+        # that read it; the old form (a validity statement of its own, then the text masked in
+        # Arrow) parsed every line in a statement more.
+        sql = f"SELECT {', '.join(l0)} FROM {JSON_SOURCE if json_mode else 'src'}"
         if self._wide:
             # json_object() over thousands of columns, or an expression per column, costs DuckDB
             # time quadratic in their number: many undeclared text columns are unpivoted to
@@ -525,15 +531,6 @@ class Validator:
         if self._digest_names:
             digests = [row_digest_input(b, self._digest_names) for b in data.to_batches()]
             data = data.append_column("_h", pa.chunked_array(digests, pa.binary()))
-        if self.raw_kind == "json":
-            # Only text that parses goes near DuckDB's JSON functions: the planner may hoist their
-            # implicit casts above any CASE that guards them, and one bad record would fail the batch.
-            con.register("src", data)
-            try:
-                ok = con.sql("SELECT coalesce(json_valid(_raw), false) FROM src").to_arrow_table().column(0)
-            finally:
-                con.unregister("src")
-            data = data.append_column("_j", _where(ok, data.column("_raw")))
         # Several smaller batches let DuckDB spread the statement over its threads.
         con.register("src", pa.Table.from_batches(data.to_batches(max_chunksize=SCAN_ROWS), schema=data.schema))
         try:
@@ -643,21 +640,6 @@ class Validator:
 _ITS = pa.timestamp("us", tz="UTC")
 # The columns that hold one value over a source's batch: any order of their rows is the same column.
 _ONE_VALUE = frozenset(("src_filename", "ingestion_ts"))
-
-
-def _where(keep: pa.ChunkedArray, text: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
-    """``text`` where ``keep`` is true, null elsewhere. A text column of one chunk keeps its
-    offsets and bytes under a validity bitmap of its own (``if_else`` copies every value: the
-    whole of a JSON source's text, once more)."""
-    if text.num_chunks != 1 or keep.null_count:
-        return pc.if_else(keep, text, pa.scalar(None, text.type))
-    values = text.chunk(0)
-    bits = np.zeros(values.offset + len(values), dtype=bool)  # read from the values' offset
-    bits[values.offset :] = keep.to_numpy()
-    if values.null_count:
-        bits[values.offset :] &= values.is_valid().to_numpy(zero_copy_only=False)
-    bitmap = pa.array(bits).buffers()[1]
-    return pa.Array.from_buffers(text.type, len(values), [bitmap, *values.buffers()[1:]], offset=values.offset)
 
 
 def _gathered(column: pa.ChunkedArray, order: pa.Array) -> pa.ChunkedArray | pa.Array:

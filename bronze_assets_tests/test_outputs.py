@@ -13,7 +13,6 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -874,25 +873,6 @@ def test_gathering_a_text_column_equals_arrows_take(values, sliced):
     assert pa.chunked_array([got]).combine_chunks().equals(column.take(order).combine_chunks())
 
 
-@pytest.mark.parametrize("offset", [0, 3, 8, 13])
-@pytest.mark.parametrize("split_keep", [False, True])
-def test_masking_json_text_equals_if_else(offset, split_keep):
-    """The JSON text handed to DuckDB's JSON functions is the raw text where it parses and null
-    elsewhere: the same bytes under a bitmap of its own, whatever the slice's offset, the raw
-    text's own nulls and the chunks of the mask."""
-    from bronze_assets.validation import _where
-
-    values = [None if i % 7 == 0 else "{}" * (i % 4) for i in range(offset + 40)]
-    text = pa.chunked_array([pa.array(values, pa.string()).slice(offset, 40)])
-    keep = pa.array([i % 3 != 1 for i in range(40)])
-    mask = pa.chunked_array([keep.slice(0, 17), keep.slice(17)] if split_keep else [keep])
-    got = _where(mask, text)
-    got.validate(full=True)
-    assert pa.chunked_array([got]).to_pylist() == pc.if_else(mask, text, pa.scalar(None, pa.string())).to_pylist()
-    if isinstance(got, pa.Array):  # the text's bytes, not a copy of them
-        assert got.buffers()[2].address == text.chunk(0).buffers()[2].address
-
-
 def test_the_row_hash_is_stored_uncompressed_and_the_other_columns_with_snappy(tmp_path):
     from bronze_assets.lake import PartitionedWriter
 
@@ -903,6 +883,44 @@ def test_the_row_hash_is_stored_uncompressed_and_the_other_columns_with_snappy(t
     meta = pq.ParquetFile(f.staged_path(tmp_path / "out")).metadata.row_group(0)
     codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
     assert codecs == {"k": "SNAPPY", "src_row_hash": "UNCOMPRESSED"}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lines_that_do_not_parse_are_rejected_without_failing_their_batch(threads):
+    """Invalid JSON in every vector of a batch (DuckDB works 2,048 rows at a time) reaches none
+    of the JSON functions: each such line is MALFORMED_RECORD with its detail, and every other
+    line of the batch is validated as usual, rescue of undeclared keys included."""
+    from bronze_assets.validation import Validator, output_schema
+    from schemas.schemas import Column, Table
+
+    table = Table(name="t", columns=(Column("id", pa.int64(), required=True), Column("note", pa.string())))
+    broken = ['{"id": 1, "note": ', "{", '{"id": 2 "note": "x"}', '{"id": "\\x"}', "{not json}", '{"id": tru}', '{"id": 1} trailing']
+    kinds = {"[1, 2]": "a JSON array, not an object", '"text"': "a JSON string, not an object", "  7": "a JSON ubigint, not an object"}
+    lines, want = [], {}
+    for i in range(1, 10_001):
+        if i % 5 == 0:
+            text = broken[i % len(broken)]
+            want[i] = "invalid JSON"
+        elif i % 5 == 2 and i % 3 == 0:
+            text = list(kinds)[i % len(kinds)]
+            want[i] = kinds[text]
+        else:
+            text = f'{{"id": {i}, "note": "n{i}", "other": {i % 2}}}' if i % 7 == 0 else f'  {{"id": {i}, "note": "n{i}"}}'
+        lines.append(text)
+    n = len(lines)
+    batch = pa.RecordBatch.from_pydict({"_row": pa.array(range(1, n + 1), pa.int64()), "_bad": pa.nulls(n, pa.string()), "_raw": pa.array(lines)})
+    validator = Validator(table, source_schema=batch.schema, raw_kind="json", output_schema=output_schema(table), threads=threads)
+    try:
+        result = validator.run(batch, src_filename="t/x.jsonl", ingestion_ts=dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+    finally:
+        validator.close()
+    rejects = result.rejects.to_pylist()
+    assert {r["src_row_number"]: r["reason_detail"] for r in rejects} == want
+    assert {r["reason_code"] for r in rejects} == {"MALFORMED_RECORD"}
+    valid = result.valid.to_pylist()
+    assert [r["src_row_number"] for r in valid] == [i for i in range(1, n + 1) if i not in want]
+    assert all(r["id"] == r["src_row_number"] and r["note"] == f"n{r['id']}" for r in valid)
+    assert {r["src_row_number"] for r in valid if r["_rescued_data"]} == {i for i in range(7, n + 1, 7) if i not in want}
 
 
 def test_json_values_are_read_by_exact_key_first_one_wins_nested_as_json_text():
