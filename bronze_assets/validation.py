@@ -47,7 +47,9 @@ TRUE_WORDS = ("true", "t", "yes", "y", "1")
 FALSE_WORDS = ("false", "f", "no", "n", "0")
 DETAIL_VALUE_CHARS = 200
 SCAN_ROWS = 32_768
-# A JSON source's lines, with _j: the line where it is valid JSON, null elsewhere.
+# A JSON source's lines, with _j: the line where it is valid JSON, null elsewhere. Only _j
+# reaches DuckDB's JSON functions, in the projections above this one, so that one bad line
+# cannot fail its batch.
 JSON_SOURCE = "(SELECT *, CASE WHEN json_valid(_raw) THEN _raw END AS _j FROM src)"
 WIDE_RESCUE = 64  # more undeclared columns than this are rescued by an unpivot
 
@@ -359,10 +361,6 @@ class Validator:
         if json_mode:
             outer += [ident("h__" + c.name) for c in table.columns if c.required]
         self._outer_all_raw = ", ".join(f"{raw_out} AS _raw_out" if o == raw_for_rejects else o for o in outer)
-        # Only text that parses reaches DuckDB's JSON functions (_j is null elsewhere), so one bad
-        # line cannot fail the batch. _j is made in a projection of its own, below the functions
-        # that read it; the old form (a validity statement of its own, then the text masked in
-        # Arrow) parsed every line in a statement more.
         sql = f"SELECT {', '.join(l0)} FROM {JSON_SOURCE if json_mode else 'src'}"
         if self._wide:
             # json_object() over thousands of columns, or an expression per column, costs DuckDB
