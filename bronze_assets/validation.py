@@ -47,6 +47,12 @@ TRUE_WORDS = ("true", "t", "yes", "y", "1")
 FALSE_WORDS = ("false", "f", "no", "n", "0")
 DETAIL_VALUE_CHARS = 200
 SCAN_ROWS = 32_768
+# The shape of an ISO-8601 timestamp (RFC 3339's space for the `T` allowed): a date, then
+# optionally a time to the minute, the second or a fraction of it, then optionally an offset (`Z`,
+# `+hh`, `+hhmm`, `+hh:mm`). DuckDB's cast alone also takes `2024/01/02 10:00`, `infinity`,
+# `epoch`, unpadded fields, a three-digit year and zone names, none of them ISO-8601 (a date
+# column rejects the same spellings). The cast then decides whether the fields are in range.
+ISO_TIMESTAMP = r"\s*[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?(Z|[+-][0-9]{2}(:?[0-9]{2})?)?)?\s*"
 # A JSON source's lines, with _j: the line where it is valid JSON, null elsewhere. Only _j
 # reaches DuckDB's JSON functions, in the projections above this one, so that one bad line
 # cannot fail its batch.
@@ -113,7 +119,12 @@ def _from_text(s: str, t: pa.DataType) -> str:
             f"AND TRY_CAST({s} AS {wide}) = TRY_CAST({s} AS {target}) THEN TRY_CAST({s} AS {target}) END",
         )
     if pa.types.is_floating(t):
-        return f"TRY_CAST({s} AS DOUBLE)"
+        # A decimal number, with an exponent or not: DuckDB's cast also takes `1_000.5`, `nan` and
+        # `inf`, and turns a number too large for a double (`1e400`) into infinity.
+        return (
+            f"CASE WHEN regexp_full_match({s}, '\\s*[+-]?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][+-]?[0-9]+)?\\s*') "
+            f"AND isfinite(TRY_CAST({s} AS DOUBLE)) THEN TRY_CAST({s} AS DOUBLE) END"
+        )
     if pa.types.is_boolean(t):
         trues = "|".join(TRUE_WORDS)
         falses = "|".join(FALSE_WORDS)
@@ -127,7 +138,7 @@ def _from_text(s: str, t: pa.DataType) -> str:
         # five-digit years, which the checked path rejects).
         return f"CASE WHEN length({s}) = 10 AND TRY_CAST({s} AS DATE)::VARCHAR = {s} THEN TRY_CAST({s} AS DATE) ELSE {checked} END"
     if pa.types.is_timestamp(t):
-        return f"TRY_CAST({s} AS TIMESTAMPTZ)"
+        return f"CASE WHEN regexp_full_match({s}, '{ISO_TIMESTAMP}') THEN TRY_CAST({s} AS TIMESTAMPTZ) END"
     raise ValueError(f"unsupported declared type {t}")
 
 
