@@ -207,6 +207,17 @@ def _constraint_sql(c: Range | OneOf, v: str) -> tuple[str, str]:
     return f"({v} IS NULL OR ({' AND '.join(parts) or 'true'}))", " and ".join(words)
 
 
+def _json_value(x: str, t: pa.DataType | None) -> str:
+    """SQL for ``x`` as a value of a JSON object (``_rescued_data``, raw_record). A float's NaN or
+    infinity (Parquet and Delta hold them) becomes the string ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"``: DuckDB's to_json() writes them bare, which is not JSON (a standard parser,
+    Spark's or DuckDB's own ``json_valid`` aside, refuses the object). Other values are as they are."""
+    if t is None or not pa.types.is_floating(t):
+        return x
+    special = f"(CASE WHEN isnan({x}) THEN '\"NaN\"' WHEN {x} > 0 THEN '\"Infinity\"' ELSE '\"-Infinity\"' END)::JSON"
+    return f"CASE WHEN NOT isfinite({x}) THEN {special} ELSE to_json({x}) END"
+
+
 @dataclass
 class BatchResult:
     valid: pa.Table
@@ -298,7 +309,7 @@ class Validator:
             l1 += ["_ok"]
         # The record as raw_record shows it (compact JSON for JSON): computed in the outer SELECT,
         # where it is needed only for rejects.
-        raw_out = "coalesce(json(_j)::VARCHAR, _t)" if json_mode else "to_json(_t)::VARCHAR" if self.raw_kind == "row" else "_t"
+        raw_out = "coalesce(json(_j)::VARCHAR, _t)" if json_mode else self._row_json(present, names) if self.raw_kind == "row" else "_t"
         input_types: dict[str, pa.DataType | None] = {}
         for col in table.columns:
             if json_mode:
@@ -464,8 +475,17 @@ class Validator:
             x = ident(n)
             if _is_text(present[n]):
                 x = f"CASE WHEN NOT regexp_full_match({x}, '\\s*') THEN {x} END"
-            pairs.append(f"{lit(n)}, {x}")
+            pairs.append(f"{lit(n)}, {_json_value(x, present[n])}")
         return f"NULLIF(json_merge_patch('{{}}', json_object({', '.join(pairs)}))::VARCHAR, '{{}}')"
+
+    @staticmethod
+    def _row_json(present: dict[str, pa.DataType], names: Sequence[str]) -> str:
+        """A row's values (``_t``) as the JSON text of raw_record, its float fields made JSON."""
+        floats = [n for n in names if _json_value("x", present[n]) != "x"]
+        if not floats:
+            return "to_json(_t)::VARCHAR"
+        fields = ", ".join(f"{ident(n)} := {_json_value('_t.' + ident(n), present[n])}" for n in floats)
+        return f"to_json(struct_update(_t, {fields}))::VARCHAR"
 
     def _output_sql(self, hashed: str) -> list[str]:
         table = self.table

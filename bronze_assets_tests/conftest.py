@@ -12,6 +12,7 @@ import datetime as dt
 import gzip
 import io
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,11 @@ SENSOR_SCHEMA = pa.schema(
         ("battery_v", pa.float64()),
     ]
 )
+
+
+def _nan_as_text(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows comparable with ``==`` when they hold NaN (which equals nothing, itself included)."""
+    return [{k: "NaN" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
 
 
 def sensors_parquet(rows: Sequence[Mapping[str, object]], schema: pa.Schema = SENSOR_SCHEMA) -> bytes:
@@ -348,7 +354,7 @@ class LakeRun:
             delta = self.delta(table)
             assert parquet.num_rows == delta.num_rows
             if parquet.num_rows:
-                assert parquet.select(delta.column_names).to_pylist() == delta.to_pylist()
+                assert _nan_as_text(parquet.select(delta.column_names).to_pylist()) == _nan_as_text(delta.to_pylist())
             return parquet.to_pylist()
 
         everything: list[dict[str, Any]] = self._cached("rows", table, read)

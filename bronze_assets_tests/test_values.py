@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -592,6 +593,47 @@ def test_rescued_values_keep_their_json_types(lake):
     assert isinstance(json.loads(parquet_row["_rescued_data"])["firmware"], int)
     json_row = {r["src_row_number"]: r for r in lake.rows("events", RESCUE_JSON)}[1]
     assert json.loads(json_row["_rescued_data"])["flag"] is True
+
+
+NON_FINITE_PARQUET = FILES.add(
+    "sensors/non_finite.parquet",
+    sensors_parquet(
+        [
+            sensor(sensor_id="f1", temperature_c=math.nan, gain=math.nan),
+            sensor(sensor_id="f2", battery_v=-math.inf, gain=math.inf),
+            sensor(sensor_id="f3", humidity_pct=math.nan, gain=-math.inf),  # humidity NaN is outside 0-100
+            sensor(sensor_id="f4", gain=1.5),
+        ],
+        pa.schema([*SENSOR_SCHEMA, pa.field("gain", pa.float64())]),
+    ),
+)
+
+
+def _strict_json(text: str) -> Any:
+    """json.loads as a standard JSON parser reads: NaN and Infinity are not JSON."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_floats_are_kept_and_written_as_json_strings_in_json_text(lake):
+    """A Parquet float's NaN or infinity is a native value: kept in its declared column, and
+    written as the string "NaN", "Infinity" or "-Infinity" where the row becomes JSON (the
+    rescued fields, a reject's raw_record), so that the JSON stays JSON."""
+    rows = {r["sensor_id"]: r for r in lake.rows("sensors", NON_FINITE_PARQUET)}
+    assert sorted(rows) == ["f1", "f2", "f4"]
+    assert math.isnan(rows["f1"]["temperature_c"]) and rows["f2"]["battery_v"] == -math.inf
+    assert {k: _strict_json(r["_rescued_data"]) for k, r in rows.items()} == {
+        "f1": {"gain": "NaN"},
+        "f2": {"gain": "Infinity"},
+        "f4": {"gain": 1.5},
+    }
+    [reject] = lake.rejects("sensors", NON_FINITE_PARQUET)
+    assert reject["reason_code"] == "CONSTRAINT_VIOLATION"
+    raw = _strict_json(reject["raw_record"])
+    assert (raw["sensor_id"], raw["humidity_pct"], raw["gain"], raw["temperature_c"]) == ("f3", "NaN", "-Infinity", 21.5)
 
 
 def test_every_source_of_the_shared_lake_was_ingested(lake):
