@@ -110,13 +110,17 @@ def _from_text(s: str, t: pa.DataType) -> str:
             f"THEN TRY_CAST(regexp_extract({s}, '[+-]?[0-9]+') AS {sql_type(t)}) END",
         )
     if pa.types.is_decimal(t):
-        wide = f"DECIMAL(38,{min(37, max(t.scale + 10, 18))})"
-        target = sql_type(t)
+        # Digits past the scale must be zeros, which the shape says (the cast then refuses too many
+        # integer digits). Comparing with a cast to a wider scale did not: DECIMAL(38,18) rounds
+        # too, so `12.3400000000000000001` passed as 12.34.
+        if t.scale:
+            number = f"([0-9]+(\\.[0-9]{{0,{t.scale}}}0*)?|\\.[0-9]{{1,{t.scale}}}0*)"
+        else:
+            number = "([0-9]+(\\.0*)?|\\.0+)"
         return _canonical_first(
             s,
-            target,
-            f"CASE WHEN regexp_full_match({s}, '\\s*[+-]?([0-9]+\\.?[0-9]*|\\.[0-9]+)\\s*') "
-            f"AND TRY_CAST({s} AS {wide}) = TRY_CAST({s} AS {target}) THEN TRY_CAST({s} AS {target}) END",
+            sql_type(t),
+            f"CASE WHEN regexp_full_match({s}, '\\s*[+-]?{number}\\s*') THEN TRY_CAST({s} AS {sql_type(t)}) END",
         )
     if pa.types.is_floating(t):
         # A decimal number, with an exponent or not: DuckDB's cast also takes `1_000.5`, `nan` and
