@@ -52,7 +52,8 @@ SCAN_ROWS = 32_768
 # `+hh`, `+hhmm`, `+hh:mm`). DuckDB's cast alone also takes `2024/01/02 10:00`, `infinity`,
 # `epoch`, unpadded fields, a three-digit year and zone names, none of them ISO-8601 (a date
 # column rejects the same spellings). The cast then decides whether the fields are in range.
-ISO_TIMESTAMP = r"\s*[0-9]{4}-[0-9]{2}-[0-9]{2}([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?(Z|[+-][0-9]{2}(:?[0-9]{2})?)?)?\s*"
+ISO_DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+ISO_TIMESTAMP = rf"\s*{ISO_DATE}([T ][0-9]{{2}}:[0-9]{{2}}(:[0-9]{{2}}(\.[0-9]+)?)?(Z|[+-][0-9]{{2}}(:?[0-9]{{2}})?)?)?\s*"
 # A JSON source's lines, with _j: the line where it is valid JSON, null elsewhere. Only _j
 # reaches DuckDB's JSON functions, in the projections above this one, so that one bad line
 # cannot fail its batch.
@@ -137,7 +138,7 @@ def _from_text(s: str, t: pa.DataType) -> str:
             f"WHEN regexp_full_match({s}, '(?i)\\s*({falses})\\s*') THEN false END"
         )
     if pa.types.is_date32(t):
-        checked = f"CASE WHEN regexp_full_match({s}, '\\s*[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}\\s*') THEN TRY_CAST({s} AS DATE) END"
+        checked = f"CASE WHEN regexp_full_match({s}, '\\s*{ISO_DATE}\\s*') THEN TRY_CAST({s} AS DATE) END"
         # Ten characters that print back the same are YYYY-MM-DD (longer ones can be BC dates or
         # five-digit years, which the checked path rejects).
         return f"CASE WHEN length({s}) = 10 AND TRY_CAST({s} AS DATE)::VARCHAR = {s} THEN TRY_CAST({s} AS DATE) ELSE {checked} END"
@@ -485,7 +486,7 @@ class Validator:
     @staticmethod
     def _row_json(present: dict[str, pa.DataType], names: Sequence[str]) -> str:
         """A row's values (``_t``) as the JSON text of raw_record, its float fields made JSON."""
-        floats = [n for n in names if _json_value("x", present[n]) != "x"]
+        floats = [n for n in names if pa.types.is_floating(present[n])]
         if not floats:
             return "to_json(_t)::VARCHAR"
         fields = ", ".join(f"{ident(n)} := {_json_value('_t.' + ident(n), present[n])}" for n in floats)
